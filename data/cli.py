@@ -1,0 +1,193 @@
+"""Config files, command-line flags and user-facing errors, shared by every chapter.
+
+Each chapter keeps a `config.toml` beside its script. That file is the single source
+of truth: every top-level key becomes a flag (`epochs` -> `--epochs`, `val_split` ->
+`--val-split`), its type is the type of the default, and a `[smoke]` table holds the
+overrides that `--smoke` applies (fewer epochs, a smaller model). A user's own
+`--config FILE` may set any subset of the keys; unknown keys and wrong types are errors.
+
+Precedence, lowest first: config.toml beside the script < --config FILE < [smoke] (with
+--smoke) < flags given on the command line.
+
+Errors a user can fix (bad flag, missing data, corrupt file) raise `UserError`;
+`run_main` prints them as one line and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class UserError(Exception):
+    """A problem the user can fix; shown as one line, never as a traceback."""
+
+
+def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """Run a chapter's main(); turn UserError and Ctrl-C into a clean exit."""
+    try:
+        main(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# --- Config files -----------------------------------------------------------------
+
+_TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    """Check `value` against the type of `default`; an int is accepted for a float key."""
+    kind = type(default)
+    if kind is float and type(value) is int:
+        return float(value)
+    if type(value) is not kind:
+        raise UserError(
+            f"{source}: '{key}' must be {_TYPE_NAMES.get(kind, kind.__name__)}, got {value!r}"
+        )
+    if kind is list and default and any(type(v) is not type(default[0]) for v in value):
+        raise UserError(f"{source}: '{key}' must be a list of {type(default[0]).__name__}")
+    return value
+
+
+def merge_config(base: dict[str, Any], overrides: dict[str, Any], source: str) -> dict[str, Any]:
+    """Return base updated with overrides, rejecting unknown keys and wrong types."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if key not in base:
+            known = ", ".join(sorted(base))
+            raise UserError(f"{source}: unknown key '{key}' (known keys: {known})")
+        merged[key] = _coerce(key, value, base[key], source)
+    return merged
+
+
+# --- Flags -------------------------------------------------------------------------
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _parse_value(kind: type, key: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{_flag(key)} must be {_TYPE_NAMES.get(kind, kind.__name__)}, got {text!r}"
+            ) from None
+
+    return parse
+
+
+class ChapterParser(argparse.ArgumentParser):
+    """argparse with one flag per config key, plus the flags every chapter shares."""
+
+    def __init__(self, doc: str | None, config_path: Path, chapter: str) -> None:
+        summary = (doc or "").strip().splitlines()[0] if doc else None
+        super().__init__(
+            description=summary,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        self.config_path = Path(config_path)
+        self.chapter = chapter
+        raw = read_toml(self.config_path)
+        self.smoke_overrides = raw.pop("smoke", {})
+        if not isinstance(self.smoke_overrides, dict):
+            raise UserError(f"{self.config_path}: [smoke] must be a table")
+        self.defaults = raw
+        for key, value in self.defaults.items():
+            if isinstance(value, dict):
+                raise UserError(f"{self.config_path}: nested table '{key}' is not supported")
+        # Validate the [smoke] table against the keys it overrides.
+        merge_config(self.defaults, self.smoke_overrides, f"{self.config_path} [smoke]")
+
+        common = self.add_argument_group("common")
+        common.add_argument("--config", type=Path, default=None,
+                            help=f"TOML file overriding {self.config_path.name}")
+        common.add_argument("--output-dir", type=Path, default=None,
+                            help=f"where outputs go (default: runs/{chapter}/, or runs/{chapter}-smoke/)")
+        common.add_argument("--data-dir", type=Path, default=None,
+                            help="dataset folder (default: $DLSTUDY_DATA_DIR or data/datasets/)")
+        common.add_argument("--smoke", action="store_true",
+                            help="tiny synthetic data, end to end in seconds")
+        group = self.add_argument_group(f"config keys (defaults from {self.config_path.name})")
+        for key, value in self.defaults.items():
+            if key == "seed":
+                help_text = "random seed for data splits, init and shuffling"
+            else:
+                help_text = " "
+            if isinstance(value, bool):
+                group.add_argument(_flag(key), dest=key, action=argparse.BooleanOptionalAction,
+                                   default=None, help=f"{help_text} (config: {value})")
+            elif isinstance(value, list):
+                kind = type(value[0]) if value else str
+                group.add_argument(_flag(key), dest=key, nargs="*", type=_parse_value(kind, key),
+                                   default=None, help=f"{help_text} (config: {value})")
+            else:
+                group.add_argument(_flag(key), dest=key, type=_parse_value(type(value), key),
+                                   default=None, help=f"{help_text} (config: {value})")
+
+    def error(self, message: str) -> None:  # one line, exit 2, as argparse does
+        self.exit(2, f"error: {message} (see --help)\n")
+
+    def parse_config(self, argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argparse.Namespace]:
+        """Parse flags and return (resolved config, namespace with the common flags)."""
+        args = self.parse_args(argv)
+        cfg = dict(self.defaults)
+        if args.config is not None:
+            cfg = merge_config(cfg, read_toml(args.config), str(args.config))
+        if args.smoke:
+            cfg = merge_config(cfg, self.smoke_overrides, f"{self.config_path} [smoke]")
+        for key in self.defaults:
+            value = getattr(args, key)
+            if value is not None:
+                cfg[key] = value
+        if args.output_dir is None:
+            suffix = "-smoke" if args.smoke else ""
+            args.output_dir = REPO_ROOT / "runs" / f"{self.chapter}{suffix}"
+        if args.data_dir is None:
+            args.data_dir = default_data_dir()
+        return cfg, args
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("DLSTUDY_DATA_DIR")
+    return Path(env) if env else REPO_ROOT / "data" / "datasets"
+
+
+def require(condition: bool, message: str) -> None:
+    """Check a user-supplied value; raise UserError with `message` if it is wrong."""
+    if not condition:
+        raise UserError(message)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and numpy; each chapter seeds its own framework on top."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)

@@ -1,0 +1,87 @@
+"""The Kaggle fruit set (mbkinaci/fruit-images-for-object-detection) as plain records.
+
+240 training and 60 test photos, each with a Pascal VOC XML file. The image class is the
+file-name prefix: apple, banana, orange, or mixed (several kinds of fruit in one photo).
+The boxes inside the XML are only apple, banana and orange.
+
+Quirks handled here: 37 XML files say width=0 height=0, so the size always comes from
+the image itself; 37 `.jpg` files are really PNG (read through `data.images`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data import download
+from data.cli import UserError
+from data.images import image_size
+from data.voc import read_voc
+
+CLASSES = ("apple", "banana", "orange", "mixed")   # image classes (file-name prefix)
+BOX_CLASSES = ("apple", "banana", "orange")        # object classes in the XML
+SPLIT_FOLDERS = {"train": "train_zip/train", "test": "test_zip/test"}
+
+
+@dataclass
+class FruitRecord:
+    image_path: Path
+    xml_path: Path
+    label: str            # image class from the file-name prefix
+    width: int            # real image size (EXIF orientation applied)
+    height: int
+    boxes: np.ndarray     # (N, 4) float32 xmin, ymin, xmax, ymax in pixels
+    box_labels: list[str]
+
+    @property
+    def class_index(self) -> int:
+        return CLASSES.index(self.label)
+
+
+def label_from_name(path: Path) -> str:
+    prefix = path.stem.split("_")[0].lower()
+    if prefix not in CLASSES:
+        raise UserError(f"{path}: file name should start with one of {CLASSES}")
+    return prefix
+
+
+def load_split(root: str | os.PathLike, split: str) -> list[FruitRecord]:
+    """Records of one split ('train' or 'test') under a folder laid out like the zip."""
+    if split not in SPLIT_FOLDERS:
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    folder = Path(root) / SPLIT_FOLDERS[split]
+    if not folder.is_dir():
+        raise UserError(f"fruit {split} folder not found: {folder}; run: python data/download.py fruits")
+    records = []
+    for image_path in sorted(folder.glob("*.jpg"), key=_natural):
+        xml_path = image_path.with_suffix(".xml")
+        if not xml_path.is_file():
+            raise UserError(f"{image_path}: no annotation {xml_path.name} beside it")
+        annotation = read_voc(xml_path)
+        width, height = image_size(image_path)
+        unknown = set(annotation.names) - set(BOX_CLASSES)
+        if unknown:
+            raise UserError(f"{xml_path}: unknown object class(es) {sorted(unknown)}")
+        boxes = annotation.boxes.copy()
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)   # a few boxes overhang the border
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+        records.append(FruitRecord(image_path, xml_path, label_from_name(image_path),
+                                   width, height, boxes, annotation.names))
+    if not records:
+        raise UserError(f"no .jpg images in {folder}")
+    return records
+
+
+def _natural(path: Path) -> tuple[str, int]:
+    stem, _, number = path.stem.rpartition("_")
+    return (stem, int(number)) if number.isdigit() else (path.stem, -1)
+
+
+def load_fruits(data_dir: str | os.PathLike | None = None,
+                fetch: bool = True) -> tuple[list[FruitRecord], list[FruitRecord]]:
+    """(train, test) records from <data_dir>/fruits, downloading the set first if `fetch`."""
+    root = download.ensure("fruits", data_dir) if fetch else Path(data_dir) / "fruits"
+    return load_split(root, "train"), load_split(root, "test")

@@ -1,0 +1,161 @@
+"""Writing a run's outputs: atomic files, config.json / metrics.json, and common plots.
+
+Everything is written to a temporary name in the same folder and renamed into place,
+so an interrupted run never leaves a half-written file behind. Plots use matplotlib's
+non-interactive Agg backend: nothing is ever shown on screen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data.cli import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+    return Path(path)
+
+
+def prepare_output_dir(output_dir: Path, config: dict[str, Any], **extra: Any) -> Path:
+    """Create the output dir and save the resolved config (plus run facts) as config.json."""
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output dir {output_dir}: {exc.strerror}") from None
+    write_json(output_dir / "config.json", {**config, **extra})
+    return output_dir
+
+
+# --- Plots ---------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    plt = _pyplot()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_curves(history: dict[str, Sequence[float]], path: str | os.PathLike,
+                title: str = "", xlabel: str = "epoch") -> Path:
+    """Learning curves: one panel per metric; `val_<m>` is drawn on the panel of `<m>`."""
+    plt = _pyplot()
+    names = [k for k in history if not k.startswith("val_")]
+    names += [k[4:] for k in history if k.startswith("val_") and k[4:] not in names]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for key, label in ((name, "train"), (f"val_{name}", "val")):
+            if key in history and len(history[key]):
+                values = list(history[key])
+                ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return cm
+
+
+def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: str | os.PathLike,
+                   title: str = "") -> Path:
+    """Confusion matrix with counts in each cell; rows are the true class."""
+    plt = _pyplot()
+    n = len(class_names)
+    size = max(3.5, 0.55 * n + 1.5)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    threshold = cm.max() / 2 if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8 if n > 6 else 10,
+                    color="white" if cm[i, j] > threshold else "black")
+    ax.set_xticks(range(n), class_names, rotation=45 if n > 6 else 0)
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = np.trace(cm) / max(cm.sum(), 1)
+    ax.set_title(f"{title}  accuracy {accuracy:.2%}".strip())
+    return save_figure(fig, path)
+
+
+def plot_image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: str | os.PathLike,
+                    columns: int = 8, cell: float = 1.6, cmap: str | None = None,
+                    title: str = "", colors: Sequence[str] | None = None) -> Path:
+    """A grid of images (HxW or HxWx3, uint8 or float in [0,1]) with a caption each."""
+    plt = _pyplot()
+    count = max(len(images), 1)
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(cell * columns, (cell + 0.35) * rows),
+                             squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if index < len(images):
+            ax.imshow(images[index], cmap=cmap)
+            ax.set_title(titles[index], fontsize=8,
+                         color=colors[index] if colors else "black")
+    if not len(images):
+        axes[0, 0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
