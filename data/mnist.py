@@ -42,7 +42,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read a (gzipped or plain) IDX file of unsigned bytes into an array."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    fix = f"delete it and run: python data/download.py mnist"
+    fix = "delete it and run: python data/download.py mnist"
     try:
         with opener(path, "rb") as f:
             raw = f.read()

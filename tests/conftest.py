@@ -20,3 +20,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "real_data" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def http_server():
+    """A loopback HTTP server (tests/http_server.py); add bytes to `.files[path]`."""
+    from tests.http_server import FileServer
+
+    with FileServer() as server:
+        yield server

@@ -1,0 +1,48 @@
+# dl-study: one command to set up and run a chapter, one to run the tests.
+#   make run                                   # 01_mnist/train.py with its default config
+#   make run CHAPTER=02b_fruit_cnn_aug ARGS="--epochs 5"
+#   make run CHAPTER=04_semantic_bg SCRIPT=composite.py ARGS="--foreground me.jpg --background sea.jpg"
+#   make test                                  # the whole pytest suite, offline
+# Both create .venv (Python 3.11) and install requirements.txt first if needed.
+
+PYTHON  ?= $(shell command -v python3.11 || command -v python3)
+VENV    ?= .venv
+CHAPTER ?= 01_mnist
+SCRIPT  ?= train.py
+ARGS    ?=
+PYTEST_ARGS ?=
+MIRROR  ?=
+STAMP   := $(VENV)/.installed
+
+.PHONY: venv run test smoke lint download clean-runs
+
+# Re-installs only when requirements.txt or pyproject.toml changed since the last install.
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install -r requirements.txt
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	@test -f $(CHAPTER)/$(SCRIPT) || { echo "error: no script $(CHAPTER)/$(SCRIPT) (chapters: $$(ls -d [0-9]*_*/ | tr -d / | tr '\n' ' '))"; exit 2; }
+	$(VENV)/bin/python $(CHAPTER)/$(SCRIPT) $(ARGS)
+
+# pytest exits 5 when it collected no tests; say so plainly instead of a bare failure.
+test: $(STAMP)
+	@status=0; $(VENV)/bin/python -m pytest $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$status
+
+# The quick loop: everything but the real-data tests (under 5 minutes).
+smoke: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not real_data" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+download: $(STAMP)
+	$(VENV)/bin/python data/download.py all $(if $(MIRROR),--mirror $(MIRROR))
+
+clean-runs:
+	rm -rf runs/

@@ -1,0 +1,101 @@
+"""Config files and flags: the single source of truth, strictly typed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data.cli import ChapterParser, UserError, merge_config
+from data.outputs import atomic_path, plot_confusion, plot_curves, plot_image_grid, write_json
+
+CONFIG = """
+seed = 0
+epochs = 10
+learning_rate = 0.1
+model = "mlp"
+augment = true
+hidden = [512, 256]
+
+[smoke]
+epochs = 1
+"""
+
+
+@pytest.fixture
+def parser(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG)
+    return ChapterParser("Test chapter.", path, "99_test")
+
+
+def test_defaults_flags_and_smoke(parser, tmp_path):
+    cfg, args = parser.parse_config([])
+    assert cfg == {"seed": 0, "epochs": 10, "learning_rate": 0.1, "model": "mlp", "augment": True,
+                   "hidden": [512, 256]}
+    assert args.output_dir.name == "99_test"
+    cfg, args = parser.parse_config(["--smoke", "--learning-rate", "3", "--no-augment",
+                                     "--hidden", "8", "4", "--seed", "5"])
+    assert cfg["epochs"] == 1 and cfg["learning_rate"] == 3.0 and cfg["augment"] is False
+    assert cfg["hidden"] == [8, 4] and cfg["seed"] == 5 and args.output_dir.name == "99_test-smoke"
+    cfg, _ = parser.parse_config(["--smoke", "--epochs", "4"])  # a flag beats [smoke]
+    assert cfg["epochs"] == 4
+
+
+def test_user_config_file(parser, tmp_path):
+    user = tmp_path / "mine.toml"
+    user.write_text("epochs = 3\nlearning_rate = 1\n")
+    cfg, _ = parser.parse_config(["--config", str(user)])
+    assert cfg["epochs"] == 3 and cfg["learning_rate"] == 1.0
+    user.write_text("epochz = 3\n")
+    with pytest.raises(UserError, match="unknown key 'epochz'"):
+        parser.parse_config(["--config", str(user)])
+    user.write_text('epochs = "many"\n')
+    with pytest.raises(UserError, match="'epochs' must be an integer"):
+        parser.parse_config(["--config", str(user)])
+    user.write_text("epochs = [\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        parser.parse_config(["--config", str(user)])
+    with pytest.raises(UserError, match="not found"):
+        parser.parse_config(["--config", str(tmp_path / "missing.toml")])
+
+
+def test_bad_flag_value_exits_2(parser, capsys):
+    with pytest.raises(SystemExit) as info:
+        parser.parse_config(["--epochs", "ten"])
+    assert info.value.code == 2
+    assert "--epochs must be an integer" in capsys.readouterr().err
+
+
+def test_merge_rejects_bool_for_int_and_bad_lists():
+    with pytest.raises(UserError):
+        merge_config({"epochs": 1}, {"epochs": True}, "x")
+    with pytest.raises(UserError):
+        merge_config({"hidden": [1, 2]}, {"hidden": ["a"]}, "x")
+
+
+def test_bad_smoke_table_is_caught_at_start(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text("epochs = 1\n[smoke]\nepoch = 2\n")
+    with pytest.raises(UserError, match="unknown key 'epoch'"):
+        ChapterParser(None, path, "x")
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "model.keras"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash while saving")
+    assert list(tmp_path.iterdir()) == []
+    write_json(tmp_path / "m.json", {"a": float("nan"), "b": 1})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": None, "b": 1}
+
+
+def test_plots_are_written(tmp_path):
+    import numpy as np
+
+    plot_curves({"loss": [1, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.8]}, tmp_path / "c.png")
+    plot_confusion(np.array([[3, 1], [0, 4]]), ["a", "b"], tmp_path / "cm.png")
+    plot_image_grid([np.zeros((8, 8), np.uint8)] * 3, ["x", "y", "z"], tmp_path / "g.png", columns=2)
+    for name in ("c.png", "cm.png", "g.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
