@@ -251,7 +251,8 @@ def _kaggle_download(handle: str, part: Path) -> None:
     try:
         folder = Path(kagglehub.dataset_download(handle))
     except Exception as exc:  # kagglehub raises many kinds; any of them means "not from here"
-        raise SourceFailed(f"kagglehub: {exc.__class__.__name__}: {exc}") from None
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise SourceFailed(f"kagglehub: {exc.__class__.__name__}: {first_line[:120]}") from None
     # kagglehub hands back the unpacked folder; re-pack it so one check covers every source.
     with zipfile.ZipFile(part, "w", zipfile.ZIP_STORED) as archive:
         for path in sorted(folder.rglob("*")):

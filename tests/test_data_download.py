@@ -232,3 +232,18 @@ def test_cli_unknown_dataset_is_one_line(tmp_path):
     result = run_script("data/download.py", "cifar", check=False, timeout=60)
     assert result.returncode == 2 and "invalid choice" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_from_zip_adopts_a_hand_downloaded_archive(tmp_path):
+    members = {}
+    for folder, count in (("train_zip/train", 240), ("test_zip/test", 60)):
+        for i in range(count):
+            members[f"{folder}/apple_{i}.jpg"] = b"jpg"
+            members[f"{folder}/apple_{i}.xml"] = b"<annotation/>"
+    archive = make_zip(tmp_path / "archive (1).zip", members)  # a browser's name for it
+    result = run_script("data/download.py", "fruits", "--from-zip", str(archive),
+                        "--data-dir", str(tmp_path / "d"), timeout=60)
+    assert "downloaded and verified" in result.stdout
+    assert len(list((tmp_path / "d/fruits/test_zip/test").glob("*.xml"))) == 60
+    again = run_script("data/download.py", "fruits", "--data-dir", str(tmp_path / "d"), timeout=60)
+    assert "present and verified" in again.stdout
