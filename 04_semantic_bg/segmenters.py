@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -154,7 +155,8 @@ def build_model(arch: str, num_classes: int = 2, pretrained: bool = False,
         reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
         raise UserError(
             f"could not download the COCO weights for {arch} ({reason}); offline, train a model "
-            "with 04_semantic_bg/train.py and pass its checkpoint as --weights PATH") from None
+            "with 04_semantic_bg/train.py --weights none and give composite.py its model.pt "
+            "as --weights PATH") from None
     model.aux_classifier = None  # DeepLabV3's auxiliary head: unused here, so not kept
     if num_classes == 2:
         _person_head_from_voc(model, arch)
@@ -177,6 +179,33 @@ class LogitsOnly(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --- Inference ------------------------------------------------------------------------
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> ImageNet-normalized (N, 3, H, W) float, channels-last in memory."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255)
+    x = (x - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    return x.permute(0, 3, 1, 2)  # a permuted NHWC tensor *is* channels-last: no copy
+
+
+def person_probability(model: nn.Module, image: np.ndarray, person_class: int = 1,
+                       flip: bool = False) -> np.ndarray:
+    """(h, w) float32 probability of `person_class` for one (h, w, 3) uint8 photo.
+
+    The photo is reflect-padded to the model's stride multiple and cropped back;
+    `flip` averages with the mirrored photo's prediction (test-time augmentation).
+    """
+    multiple = getattr(model, "multiple", 1)
+    height, width = image.shape[:2]
+    padded = np.pad(image, ((0, -height % multiple), (0, -width % multiple), (0, 0)), mode="reflect")
+    batch = np.stack([padded, padded[:, ::-1]]) if flip else padded[None]
+    with torch.inference_mode():
+        person = model(to_tensor(batch)).softmax(1)[:, person_class].numpy()
+    probability = (person[0] + person[1][:, ::-1]) / 2 if flip else person[0]
+    return np.ascontiguousarray(probability[:height, :width], dtype=np.float32)
 
 
 # --- Checkpoints ----------------------------------------------------------------------

@@ -29,8 +29,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp_path
+        if tmp_path.exists():  # mkstemp makes it 0600; give it the usual permissions
+            os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -106,7 +110,8 @@ def plot_curves(history: dict[str, Sequence[float]], path: str | os.PathLike,
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.04)  # above the panel titles, not over them
+    fig.tight_layout()
     return save_figure(fig, path)
 
 

@@ -99,3 +99,15 @@ def test_plots_are_written(tmp_path):
     plot_image_grid([np.zeros((8, 8), np.uint8)] * 3, ["x", "y", "z"], tmp_path / "g.png", columns=2)
     for name in ("c.png", "cm.png", "g.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "metrics.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
