@@ -1,0 +1,149 @@
+"""The detector shared by train.py and detect.py: torchvision FCOS, built one of three ways.
+
+Why FCOS: it is anchor-free (one point per feature-map cell predicts the distances to the
+four box sides, plus a class and a "centerness" score), so there are no anchor sizes and
+ratios to tune for 240 photos of round apples and long bananas, and it is a single stage
+(no region proposals), which keeps a CPU epoch short. Its head already uses GroupNorm,
+which does not care about the small batches a CPU affords.
+
+- `--weights coco`: torchvision's FCOS ResNet-50 FPN trained on COCO (which has apple,
+  banana and orange among its 80 classes), its classification layer replaced by a fresh one
+  for our 3 classes. The backbone keeps COCO's frozen BatchNorm statistics.
+- `--weights none`: the same kind of model from random weights, made small enough to
+  train on 2 CPU cores: ResNet-18 with trainable BatchNorm (a batch of 8+ images gives
+  usable batch statistics), a 128-channel FPN on the coarse levels only (P4..P7, strides
+  16..128: the fruit fill a large part of most photos, so the stride-8 level would cost
+  the most compute for the fewest objects) and a 3-conv head.
+- `--weights PATH`: a checkpoint written by train.py; its `arch` dict rebuilds the model.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet18
+from torchvision.models.detection import FCOS, fcos_resnet50_fpn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import (
+    FCOS_ResNet50_FPN_Weights,
+    FCOSClassificationHead,
+    FCOSRegressionHead,
+)
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from data.cli import UserError
+from data.fruits import BOX_CLASSES
+
+CLASS_NAMES = BOX_CLASSES  # FCOS has no background class: labels are 0..2
+
+
+def scratch_arch(cfg: dict) -> dict:
+    """Everything needed to rebuild a from-scratch model (stored in every checkpoint)."""
+    return {"kind": "fcos_resnet18_scratch", "image_size": cfg["image_size"],
+            "fpn_channels": cfg["fpn_channels"], "head_convs": cfg["head_convs"],
+            "num_classes": len(CLASS_NAMES)}
+
+
+def coco_arch(cfg: dict) -> dict:
+    return {"kind": "fcos_resnet50_coco", "image_size": cfg["image_size"],
+            "num_classes": len(CLASS_NAMES)}
+
+
+def _common(arch: dict) -> dict:
+    # Images arrive already resized to image_size x image_size, so the model's own resize
+    # is a no-op. A low score threshold keeps the low-confidence boxes that mAP needs.
+    size = arch["image_size"]
+    return {"min_size": size, "max_size": size, "score_thresh": 0.05, "nms_thresh": 0.5,
+            "detections_per_img": 100}
+
+
+def build_model(arch: dict) -> nn.Module:
+    """An untrained model for `arch` (weights come from COCO or a checkpoint, or not at all)."""
+    if arch["kind"] == "fcos_resnet50_coco":
+        model = fcos_resnet50_fpn(weights=None, weights_backbone=None, **_common(arch))
+        _replace_classifier(model, arch["num_classes"])
+        return model
+    if arch["kind"] != "fcos_resnet18_scratch":
+        raise UserError(f"unknown model kind {arch['kind']!r} in checkpoint")
+    channels = arch["fpn_channels"]
+    body = resnet18(weights=None, norm_layer=nn.BatchNorm2d)
+    backbone = BackboneWithFPN(
+        body, return_layers={"layer3": "0", "layer4": "1"}, in_channels_list=[256, 512],
+        out_channels=channels, extra_blocks=LastLevelP6P7(channels, channels))
+    # One point per cell; the size sets the level's object-size range (FCOS assigns a box
+    # to the level whose stride*4..stride*8 range holds its largest side distance).
+    anchors = AnchorGenerator(sizes=((16,), (32,), (64,), (128,)), aspect_ratios=((1.0,),) * 4)
+    model = FCOS(backbone, num_classes=arch["num_classes"], anchor_generator=anchors,
+                 **_common(arch))
+    head = model.head
+    head.classification_head = FCOSClassificationHead(channels, 1, arch["num_classes"],
+                                                      num_convs=arch["head_convs"])
+    head.regression_head = FCOSRegressionHead(channels, 1, num_convs=arch["head_convs"])
+    return model
+
+
+def _replace_classifier(model: nn.Module, num_classes: int) -> None:
+    model.head.classification_head = FCOSClassificationHead(
+        in_channels=model.backbone.out_channels, num_anchors=1, num_classes=num_classes)
+
+
+def coco_model(cfg: dict) -> tuple[nn.Module, dict]:
+    """FCOS ResNet-50 FPN with COCO weights and a new 3-class classifier; fails in one line."""
+    arch = coco_arch(cfg)
+    socket.setdefaulttimeout(30)  # a dead network should fail in seconds, not hang
+    try:
+        state = FCOS_ResNet50_FPN_Weights.COCO_V1.get_state_dict(progress=False)
+    except Exception as exc:  # URLError, timeouts, a truncated file: all mean "no weights"
+        raise UserError(
+            f"could not download torchvision's COCO weights ({exc.__class__.__name__}: {exc}); "
+            "offline? train from scratch with --weights none, or give a checkpoint with --weights PATH"
+        ) from None
+    model = fcos_resnet50_fpn(weights=None, weights_backbone=None, **_common(arch))
+    model.load_state_dict(state)
+    _replace_classifier(model, arch["num_classes"])
+    return model, arch
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable checkpoint ({exc.__class__.__name__})") from None
+    if not isinstance(checkpoint, dict) or "arch" not in checkpoint or "model" not in checkpoint:
+        raise UserError(f"{path}: not a checkpoint written by 03b_xml_detection/train.py")
+    return checkpoint
+
+
+def load_checkpoint_model(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, dict]:
+    """Rebuild the model stored in a train.py checkpoint (EMA weights when present)."""
+    checkpoint = read_checkpoint(path)
+    arch = checkpoint["arch"]
+    model = build_model(arch)
+    state = checkpoint.get("ema") if use_ema and checkpoint.get("ema") else checkpoint["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: weights do not fit the model ({str(exc).splitlines()[0]})") from None
+    return model, arch
+
+
+def make_model(weights: str, cfg: dict) -> tuple[nn.Module, dict]:
+    """Resolve --weights: 'coco', 'none', or a checkpoint path."""
+    if weights == "coco":
+        return coco_model(cfg)
+    if weights == "none":
+        arch = scratch_arch(cfg)
+        return build_model(arch), arch
+    model, arch = load_checkpoint_model(weights)
+    if arch["image_size"] != cfg["image_size"]:
+        arch = {**arch, "image_size": cfg["image_size"]}
+        model.transform.min_size = (cfg["image_size"],)
+        model.transform.max_size = cfg["image_size"]
+    return model, arch
