@@ -1,4 +1,4 @@
-"""04a: put a person on a new background with a semantic-segmentation model.
+"""04 (composite.py): put a person on a new background with a semantic-segmentation model.
 
 What it teaches: the 2020 study's trick, done well. A segmentation model (torchvision's
 DeepLabV3 or LR-ASPP, trained on COCO with the 21 VOC labels; class 15 is "person")

@@ -1,4 +1,4 @@
-"""04b: train and measure a person segmenter on PennFudanPed, the model composite.py uses.
+"""04 (train.py): train and measure a person segmenter on PennFudanPed, the model composite.py uses.
 
 What it teaches: semantic segmentation as per-pixel classification (person vs background)
 from only 120 photos, on a CPU. The levers are the ones that matter on small data: a

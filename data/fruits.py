@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data import download
+from data import download, synthetic
 from data.cli import UserError
-from data.images import image_size
+from data.images import image_size, read_rgb, resize_rgb
 from data.voc import read_voc
 
 CLASSES = ("apple", "banana", "orange", "mixed")   # image classes (file-name prefix)
@@ -85,3 +85,23 @@ def load_fruits(data_dir: str | os.PathLike | None = None,
     """(train, test) records from <data_dir>/fruits, downloading the set first if `fetch`."""
     root = download.ensure("fruits", data_dir) if fetch else Path(data_dir) / "fruits"
     return load_split(root, "train"), load_split(root, "test")
+
+
+def load_fruits_or_smoke(data_dir: str | os.PathLike | None, smoke: bool, output_dir: Path,
+                         seed: int) -> tuple[list[FruitRecord], list[FruitRecord]]:
+    """(train, test) records: the real set, or with `smoke` a tiny synthetic one written
+    under `output_dir` in the real layout (8 train / 3 test pictures per class) and read
+    back through the same loader."""
+    if smoke:
+        smoke_dir = Path(output_dir) / "smoke-data"
+        synthetic.write_fruits(smoke_dir, train_per_class=8, test_per_class=3, seed=seed)
+        return load_fruits(smoke_dir, fetch=False)
+    return load_fruits(data_dir)
+
+
+def decode_images(records: list[FruitRecord], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image once through the shared reader and resize it to a square
+    (bilinear, antialiased): (N, size, size, 3) uint8 and (N,) class indices."""
+    images = np.stack([resize_rgb(read_rgb(r.image_path), (image_size, image_size))
+                       for r in records])
+    return images, np.array([r.class_index for r in records])
