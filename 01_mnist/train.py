@@ -35,11 +35,10 @@ How to run (from the repository root):
 Outputs in --output-dir (default runs/01_mnist/): config.json, metrics.json, curves.png,
 confusion.png, wrong.png (the most confidently wrong test digits) and model.keras.
 
-What to expect (measured on 2 shared CPU cores, TF 2.21 / Keras 3.15, seed 0, run under a
-CPU lock; another job's pip install and tests ran outside it during the cnn run):
+What to expect (measured on 2 CPU cores, TF 2.21 / Keras 3.15, seed 0, nothing else training):
     python 01_mnist/train.py               mlp: test 98.87%, val 98.78%, training 44.5 s
-    python 01_mnist/train.py --model cnn   cnn: test 99.30%, val 99.18%, training 656 s
-                                           (25-27 s/epoch when the CPU was free; ~400 s)
+    python 01_mnist/train.py --model cnn   cnn: test 99.30%, val 99.18%, training 559 s
+                                           (26-45 s per epoch on this VM; ~9.5 min wall)
     python 01_mnist/train.py --smoke       about 8 s wall time, TensorFlow import included
 """
 
