@@ -166,10 +166,7 @@ def main(argv=None) -> dict:
     with outputs.atomic_path(output_dir / "model.keras") as tmp:
         model.save(tmp)
     save_plots(output_dir, history, cm, test_records, x_test, y_test, predicted)
-    outputs.write_json(output_dir / "metrics.json", metrics)
-    print("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in metrics.items()))
-    print(f"outputs in {output_dir}")
+    outputs.write_metrics(output_dir, metrics)
     return metrics
 
 

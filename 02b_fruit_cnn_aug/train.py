@@ -392,10 +392,7 @@ def main(argv=None) -> dict:
                **audit_metrics}
 
     save_run(output_dir, run, data, test_records)
-    outputs.write_json(output_dir / "metrics.json", metrics)
-    print("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in metrics.items()))
-    print(f"outputs in {output_dir}")
+    outputs.write_metrics(output_dir, metrics)
     return metrics
 
 

@@ -62,6 +62,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
+def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Write <output_dir>/metrics.json and print it as one `key value` line, then where it went."""
+    path = write_json(Path(output_dir) / "metrics.json", metrics)
+    print("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    print(f"outputs in {output_dir}")
+    return path
+
+
 def prepare_output_dir(output_dir: Path, config: dict[str, Any], **extra: Any) -> Path:
     """Create the output dir and save the resolved config (plus run facts) as config.json."""
     output_dir = Path(output_dir)

@@ -25,7 +25,7 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_writes_metrics_plots_and_checkpoints(smoke_run):
     output_dir, metrics = smoke_run
-    for key in ("map50", "map", "map75", "val_map50", "train_seconds", "epochs"):
+    for key in ("map50", "map", "map75", "val_map50", "train_seconds", "wall_seconds", "epochs"):
         assert key in metrics, key
     for name in CLASSES:
         assert f"ap50_{name}" in metrics and f"ap_{name}" in metrics
@@ -52,6 +52,15 @@ def test_weights_path_fine_tunes_from_a_saved_checkpoint(smoke_run, tmp_path):
                           "--weights", str(output_dir / "model.pt"))
     assert metrics["epochs"] == 1
     assert json.loads((tmp_path / "again" / "config.json").read_text())["weights"].endswith("model.pt")
+
+
+def test_tuning_run_never_reads_the_test_photos(tmp_path):
+    # --no-evaluate-test: validation numbers only, for comparing settings (house rule).
+    metrics = run_chapter(TRAIN, tmp_path / "tune", "--smoke", "--epochs", "1", "--no-evaluate-test")
+    assert "val_map50" in metrics and "wall_seconds" in metrics
+    assert not any(key.startswith(("map", "ap50_", "ap_")) for key in metrics)
+    assert (tmp_path / "tune" / "val_map.png").is_file()
+    assert not (tmp_path / "tune" / "test_predictions.png").exists()
 
 
 def test_detect_prints_one_line_per_box(smoke_run, tmp_path):

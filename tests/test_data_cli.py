@@ -7,7 +7,14 @@ import json
 import pytest
 
 from data.cli import ChapterParser, UserError, merge_config
-from data.outputs import atomic_path, plot_confusion, plot_curves, plot_image_grid, write_json
+from data.outputs import (
+    atomic_path,
+    plot_confusion,
+    plot_curves,
+    plot_image_grid,
+    write_json,
+    write_metrics,
+)
 
 CONFIG = """
 seed = 0
@@ -111,3 +118,11 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
+
+
+def test_write_metrics_saves_json_and_prints_one_line(tmp_path, capsys):
+    write_metrics(tmp_path, {"map50": 0.61234, "epochs": 80, "weights": "none"})
+    assert json.loads((tmp_path / "metrics.json").read_text())["map50"] == 0.61234
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == "map50 0.612  epochs 80  weights none"
+    assert second == f"outputs in {tmp_path}"
