@@ -23,6 +23,7 @@ from data.voc import read_voc
 
 CLASSES = ("apple", "banana", "orange", "mixed")   # image classes (file-name prefix)
 BOX_CLASSES = ("apple", "banana", "orange")        # object classes in the XML
+BOX_COLORS = {"apple": (220, 20, 60), "banana": (230, 200, 0), "orange": (255, 120, 0)}  # for drawings
 SPLIT_FOLDERS = {"train": "train_zip/train", "test": "test_zip/test"}
 
 

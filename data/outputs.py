@@ -172,3 +172,23 @@ def plot_image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: s
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def draw_boxes(image: np.ndarray, boxes, labels, class_names: Sequence[str], scores=None,
+               colors: dict[str, tuple[int, int, int]] | None = None) -> np.ndarray:
+    """Boxes (x0, y0, x1, y1 pixels) with 'class score' captions drawn on an RGB uint8 image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    palette = [(220, 20, 60), (230, 200, 0), (255, 120, 0), (30, 144, 255), (50, 205, 50)]
+    canvas = Image.fromarray(np.ascontiguousarray(image))
+    draw = ImageDraw.Draw(canvas)
+    width = max(2, min(canvas.size) // 150)
+    font = ImageFont.load_default(size=max(11, min(canvas.size) // 22))
+    for index, (box, label) in enumerate(zip(boxes, labels, strict=True)):
+        name = class_names[int(label)]
+        color = (colors or {}).get(name, palette[int(label) % len(palette)])
+        caption = name if scores is None else f"{name} {scores[index]:.2f}"
+        draw.rectangle([float(v) for v in box], outline=color, width=width)
+        draw.text((float(box[0]) + 3, float(box[1]) + 2), caption, fill=color, font=font,
+                  stroke_width=1, stroke_fill=(0, 0, 0))
+    return np.asarray(canvas)

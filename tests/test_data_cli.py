@@ -9,6 +9,7 @@ import pytest
 from data.cli import ChapterParser, UserError, merge_config
 from data.outputs import (
     atomic_path,
+    draw_boxes,
     plot_confusion,
     plot_curves,
     plot_image_grid,
@@ -126,3 +127,16 @@ def test_write_metrics_saves_json_and_prints_one_line(tmp_path, capsys):
     first, second = capsys.readouterr().out.splitlines()
     assert first == "map50 0.612  epochs 80  weights none"
     assert second == f"outputs in {tmp_path}"
+
+
+def test_draw_boxes_outlines_each_box_in_its_class_colour():
+    import numpy as np
+
+    image = np.full((100, 120, 3), 255, np.uint8)
+    drawn = draw_boxes(image, np.array([[10, 20, 60, 80]]), np.array([1]), ["apple", "banana"],
+                       scores=np.array([0.9]), colors={"banana": (0, 0, 255)})
+    assert drawn.shape == image.shape and (image == 255).all()  # the input is left alone
+    assert tuple(drawn[50, 10]) == (0, 0, 255) and tuple(drawn[80, 35]) == (0, 0, 255)
+    assert tuple(drawn[50, 35]) == (255, 255, 255)  # inside the box, away from the caption
+    default = draw_boxes(image, np.array([[10, 20, 60, 80]]), np.array([0]), ["apple", "banana"])
+    assert tuple(default[50, 10]) != (255, 255, 255)  # a palette colour when none is given
