@@ -39,11 +39,15 @@ def test_smoke_writes_metrics_plots_and_checkpoints(smoke_run):
 
 
 def test_resume_continues_from_the_checkpoint(smoke_run, tmp_path):
-    output_dir, _ = smoke_run
+    output_dir, first = smoke_run
     result = run_script(TRAIN, "--smoke", "--output-dir", output_dir, "--resume", "--epochs", "3")
     assert "resumed from" in result.stdout
     assert "epoch   3" in result.stdout and "epoch   1 " not in result.stdout
-    assert json.loads((output_dir / "metrics.json").read_text())["epochs"] == 3
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 3
+    # the time budget counts both sessions, not just the resumed one
+    assert metrics["wall_seconds"] > first["wall_seconds"]
+    assert metrics["train_seconds"] > first["train_seconds"]
 
 
 def test_weights_path_fine_tunes_from_a_saved_checkpoint(smoke_run, tmp_path):
@@ -54,8 +58,10 @@ def test_weights_path_fine_tunes_from_a_saved_checkpoint(smoke_run, tmp_path):
     assert json.loads((tmp_path / "again" / "config.json").read_text())["weights"].endswith("model.pt")
 
 
-def test_tuning_run_never_reads_the_test_photos(tmp_path):
+def test_tuning_run_never_scores_the_test_photos(tmp_path):
     # --no-evaluate-test: validation numbers only, for comparing settings (house rule).
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "test_predictions.png").write_bytes(b"from an earlier run")
     metrics = run_chapter(TRAIN, tmp_path / "tune", "--smoke", "--epochs", "1", "--no-evaluate-test")
     assert "val_map50" in metrics and "wall_seconds" in metrics
     assert not any(key.startswith(("map", "ap50_", "ap_")) for key in metrics)
