@@ -30,9 +30,9 @@ What to expect (measured on 2 shared CPU cores)
        (1 of 5); training accuracy 1.000; 30 epochs in 33-65 s.
     --seed 1 / --seed 2: 0.867 / 0.900 (mixed 0 of 5 both times).
     The study's 61.7% is not reproduced: read correctly, its recipe gives 87-90%. Two
-    likely 2020 slips were tried and do not explain the gap either: pixels left in
-    0..255 gave 0.850, and RGBA files with the alpha dropped (transparent background
-    turning black) gave 0.883. The study's own code is not available to check further.
+    likely 2020 slips (pixels left in 0..255; RGBA files with the alpha dropped) were
+    tried with temporary code edits that no flag reproduces, and neither came near 61.7%.
+    The study's own code is not available to check further.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import fruits, outputs
+from data import cli, fruits, outputs
 from data.cli import ChapterParser, require, run_main, seed_everything
 
 CHAPTER = "02_fruit_cnn"
@@ -52,11 +52,11 @@ CONFIG_PATH = Path(__file__).with_name("config.toml")
 
 
 def check_config(cfg: dict) -> None:
-    require(cfg["image_size"] >= 16, f"--image-size must be at least 16, got {cfg['image_size']}")
-    require(cfg["epochs"] >= 1, f"--epochs must be at least 1, got {cfg['epochs']}")
-    require(cfg["batch_size"] >= 1, f"--batch-size must be at least 1, got {cfg['batch_size']}")
-    require(cfg["learning_rate"] > 0, f"--learning-rate must be positive, got {cfg['learning_rate']}")
-    require(cfg["dense_units"] >= 1, f"--dense-units must be at least 1, got {cfg['dense_units']}")
+    cli.require_at_least(cfg, "image_size", 16)
+    cli.require_at_least(cfg, "epochs", 1)
+    cli.require_at_least(cfg, "batch_size", 1)
+    cli.require_positive(cfg, "learning_rate")
+    cli.require_at_least(cfg, "dense_units", 1)
     require(len(cfg["filters"]) >= 1 and all(f >= 1 for f in cfg["filters"]),
             f"--filters must be one or more positive integers, got {cfg['filters']}")
     # Each conv (valid padding) and pool shrinks the side; it must not vanish.
@@ -129,11 +129,7 @@ def save_plots(output_dir: Path, history: dict, cm: np.ndarray, test_records, x_
     # touched once, at the end, never per epoch.
     outputs.plot_curves(history, output_dir / "curves.png")
     outputs.plot_confusion(cm, fruits.CLASSES, output_dir / "confusion.png", title="02 test")
-    wrong = np.flatnonzero(predicted != y_test)
-    outputs.plot_image_grid(
-        [x_test[i] for i in wrong],
-        [f"{test_records[i].image_path.stem}\n-> {fruits.CLASSES[predicted[i]]}" for i in wrong],
-        output_dir / "misclassified.png", columns=6, colors=["crimson"] * len(wrong))
+    fruits.plot_misclassified(x_test, test_records, predicted, y_test, output_dir / "misclassified.png")
 
 
 def main(argv=None) -> dict:

@@ -27,8 +27,9 @@ What to expect (measured on 2 CPU cores, seed 0, nothing else training)
     256 px (0.42 vs 0.46 in 24 epochs, and 256 px took 27% less time). EMA weights did
     not beat the raw ones at the end, but kept the curve steady. Tuning runs use
     --no-evaluate-test, so the test photos are never decoded or scored.
-    What limits it: scored as one "fruit" class, test mAP@0.5 is 0.795, barely above
-    0.781, so the classes are rarely confused. The loss is in the scores: many extra boxes
+    What limits it (python 03b_xml_detection/analyse.py --model-path <the model.pt>):
+    scored as one "fruit" class, test mAP@0.5 is 0.795, barely above 0.781, so the
+    classes are rarely confused. The loss is in the scores: many extra boxes
     on parts of fruit and on banana bunches, which the XML boxes sometimes whole and
     sometimes banana by banana.
     python 03b_xml_detection/train.py --smoke            # about 10 s
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import fruits, outputs, synthetic
+from data import cli, fruits, outputs, synthetic
 from data.cli import ChapterParser, UserError, require, run_main, seed_everything
 from data.detection_eval import coco_map
 from data.images import read_rgb, resize_rgb
@@ -55,18 +56,26 @@ CONFIG_PATH = Path(__file__).with_name("config.toml")
 
 
 def check_config(cfg: dict) -> None:
-    require(cfg["image_size"] >= 64, f"--image-size must be at least 64, got {cfg['image_size']}")
-    require(cfg["epochs"] >= 1, f"--epochs must be at least 1, got {cfg['epochs']}")
-    require(cfg["batch_size"] >= 2, f"--batch-size must be at least 2 (BatchNorm), got {cfg['batch_size']}")
-    require(cfg["learning_rate"] > 0, f"--learning-rate must be positive, got {cfg['learning_rate']}")
+    cli.require_at_least(cfg, "image_size", 64)
+    cli.require_at_least(cfg, "epochs", 1)
+    cli.require_at_least(cfg, "batch_size", 2, "BatchNorm")
+    cli.require_positive(cfg, "learning_rate")
     require(0 < cfg["val_split"] < 1, f"--val-split must be between 0 and 1, got {cfg['val_split']}")
     require(0 <= cfg["ema_decay"] < 1, f"--ema-decay must be in [0, 1), got {cfg['ema_decay']}")
-    require(cfg["preload_scale"] >= 1, f"--preload-scale must be at least 1, got {cfg['preload_scale']}")
+    cli.require_at_least(cfg, "preload_scale", 1)
     require(0 < cfg["crop_scale_min"] <= 1, f"--crop-scale-min must be in (0, 1], got {cfg['crop_scale_min']}")
     # The head's GroupNorm has 32 groups; 2+ channels per group keeps a 1x1 map normalizable.
     require(cfg["fpn_channels"] >= 64 and cfg["fpn_channels"] % 32 == 0,
             f"--fpn-channels must be a multiple of 32, at least 64, got {cfg['fpn_channels']}")
-    require(cfg["eval_every"] >= 1, f"--eval-every must be at least 1, got {cfg['eval_every']}")
+    cli.require_at_least(cfg, "eval_every", 1)
+    cli.require_at_least(cfg, "grid_images", 1)
+    cli.require_at_least(cfg, "warmup_epochs", 0)
+    cli.require_at_least(cfg, "weight_decay", 0)
+    cli.require_at_least(cfg, "color_jitter", 0)
+    cli.require_positive(cfg, "grad_clip")
+    cli.require_positive(cfg, "time_limit_minutes")
+    for key in ("mosaic_prob", "zoom_out_prob", "score_threshold"):
+        require(0 <= cfg[key] <= 1, f"--{key.replace('_', '-')} must be in [0, 1], got {cfg[key]}")
 
 
 # --- Data --------------------------------------------------------------------------
@@ -327,6 +336,9 @@ def main(argv=None) -> dict:
     resume_state = None
     if cfg["resume"]:  # the checkpoint's own architecture and weights; --weights is ignored
         resume_state = detector.read_checkpoint(checkpoint_path)
+        missing = {"optimizer", "scheduler", "ema_full", "epoch"} - set(resume_state)
+        require(not missing, f"{checkpoint_path} holds final weights only (no {', '.join(sorted(missing))}); "
+                "--resume needs the checkpoint.pt of an interrupted run, or use --weights PATH")
         arch = resume_state["arch"]
         model = detector.build_model(arch)
         model.load_state_dict(resume_state["model"])
@@ -335,6 +347,8 @@ def main(argv=None) -> dict:
 
     train_records, test_records = load_records(args.data_dir, args.smoke, output_dir, cfg["seed"])
     train_idx, val_idx = stratified_split([r.label for r in train_records], cfg["val_split"], cfg["seed"])
+    require(len(train_idx) >= cfg["batch_size"], f"--batch-size {cfg['batch_size']} is more than the "
+            f"{len(train_idx)} training photos; use a smaller --batch-size")
     size = cfg["image_size"]
     start = time.monotonic()
     fit_records = [train_records[i] for i in train_idx]

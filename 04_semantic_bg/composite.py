@@ -16,7 +16,7 @@ the probability is upsampled to full size; the composite has the photo's full re
 How to run:
     python 04_semantic_bg/composite.py --foreground person.jpg --background beach.jpg
     python 04_semantic_bg/composite.py --foreground person.jpg --mode blur \
-        --model lraspp_mobilenet_v3_large               # segments ~10x faster than ResNet-101
+        --model lraspp_mobilenet_v3_large               # ~3x faster than ResNet-101 (below)
     python 04_semantic_bg/composite.py --foreground person.jpg --background beach.jpg \
         --mode all --weights runs/04_semantic_bg/model.pt   # offline: the model train.py made
     python 04_semantic_bg/composite.py --smoke          # synthetic photos, untrained model
@@ -24,14 +24,15 @@ How to run:
 Outputs in --output-dir: composite_<mode>.jpg, mask.png (the alpha matte), figure.png
 (mask | person cut out | background with the person's hole), metrics.json, config.json.
 
-What to expect (measured on 2 CPU cores, a 1920x1080 photo, --mode replace; seconds
-from reading the photos to the last file written, after the model is loaded; loading
-torch and the model adds 2-5 s per process):
-    --weights runs/04_semantic_bg/model.pt (U-Net, 320 px)           1.1 s (all modes: 1.6 s)
-    --model lraspp_mobilenet_v3_large (640 px)                        0.9 s
-    --model deeplabv3_resnet50 / deeplabv3_resnet101 (640 px)         2.1-2.8 s
-The torchvision timings used random-init weights saved to a file (the COCO weights could
-not be downloaded where this was measured); the weights do not change the time.
+What to expect (measured on 2 CPU cores, a PennFudanPed photo resized to 1920x1080,
+--mode replace; seconds from reading the photos to the last file written, after the
+model is loaded; loading torch and the model adds 2-5 s per process):
+    --weights runs/04_semantic_bg/model.pt (U-Net, 320 px)                 1.1 s
+    --weights random --model lraspp_mobilenet_v3_large (640 px)            0.84 s
+    --weights random --model deeplabv3_resnet50 (640 px)                   1.82 s
+    --weights random --model deeplabv3_resnet101 (640 px)                  2.33 s
+Random weights because the COCO weights cannot be downloaded where this was measured;
+the weights do not change the time.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def check_config(cfg: dict) -> tuple[str, ...]:
             "need 0 <= --matte-low < --matte-high <= 1")
     require(cfg["output_format"] in ("jpg", "png"), "--output-format must be jpg or png")
     require(cfg["working_size"] >= 0, "--working-size must be 0 (automatic) or a size in pixels")
+    require(cfg["num_threads"] >= 1, f"--num-threads must be at least 1, got {cfg['num_threads']}")
+    require(1 <= cfg["jpeg_quality"] <= 100, f"--jpeg-quality must be in 1..100, got {cfg['jpeg_quality']}")
     require(bool(cfg["weights"]), "--weights must be coco, random or a .pt file from train.py")
     return matting.MODES if cfg["mode"] == "all" else (cfg["mode"],)
 

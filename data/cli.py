@@ -54,8 +54,10 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from None
 
 
 def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
@@ -170,6 +172,10 @@ class ChapterParser(argparse.ArgumentParser):
             args.output_dir = REPO_ROOT / "runs" / f"{self.chapter}{suffix}"
         if args.data_dir is None:
             args.data_dir = default_data_dir()
+        if args.data_dir.exists() and not args.data_dir.is_dir():
+            self.error(f"--data-dir {args.data_dir} is a file; give a folder (it is created if missing)")
+        if "seed" in cfg and not 0 <= cfg["seed"] < 2**32:  # numpy's range, checked before any work
+            self.error(f"--seed must be in 0..{2**32 - 1}, got {cfg['seed']}")
         return cfg, args
 
 
@@ -182,6 +188,16 @@ def require(condition: bool, message: str) -> None:
     """Check a user-supplied value; raise UserError with `message` if it is wrong."""
     if not condition:
         raise UserError(message)
+
+
+def require_at_least(cfg: dict[str, Any], key: str, minimum: float, why: str = "") -> None:
+    """--key must be >= minimum; the message names the flag, the bound and the value given."""
+    reason = f" ({why})" if why else ""
+    require(cfg[key] >= minimum, f"{_flag(key)} must be at least {minimum}{reason}, got {cfg[key]}")
+
+
+def require_positive(cfg: dict[str, Any], key: str) -> None:
+    require(cfg[key] > 0, f"{_flag(key)} must be positive, got {cfg[key]}")
 
 
 def seed_everything(seed: int) -> None:

@@ -152,3 +152,47 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(-1)
     area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(-1)
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def class_agnostic(items: Sequence[dict]) -> list[dict]:
+    """The same boxes with every label set to 0: score localisation alone with coco_map."""
+    return [{**item, "labels": np.zeros(len(item["labels"]), np.int64)} for item in items]
+
+
+def error_counts(ground_truth: Sequence[dict], predictions: Sequence[dict], class_names: Sequence[str],
+                 score_threshold: float = 0.3, iou_threshold: float = 0.5) -> dict:
+    """What the boxes scored >= score_threshold get right and wrong, image by image.
+
+    Per true box: `found` (a box of its class overlaps it), `wrong_class_only`, `missed`.
+    Per kept box, highest score first, each true box matched once: `true`, `duplicate`
+    (its class, but that fruit is already matched), `wrong_class` (overlaps only true boxes
+    of other classes) and `background` (IoU below the threshold with every true box), the
+    last also per predicted class as `background_<class>`.
+    """
+    counts = dict.fromkeys(("found", "wrong_class_only", "missed", "true", "duplicate",
+                            "wrong_class", "background"), 0)
+    counts.update({f"background_{name}": 0 for name in class_names})
+    for truth, pred in zip(ground_truth, predictions, strict=True):
+        t_boxes, t_labels = np.asarray(truth["boxes"]).reshape(-1, 4), np.asarray(truth["labels"])
+        keep = np.asarray(pred["scores"]) >= score_threshold
+        p_boxes = np.asarray(pred["boxes"]).reshape(-1, 4)[keep]
+        p_labels, p_scores = np.asarray(pred["labels"])[keep], np.asarray(pred["scores"])[keep]
+        overlap = box_iou(t_boxes, p_boxes) >= iou_threshold  # (true, kept)
+        same = overlap & (t_labels[:, None] == p_labels[None, :])
+        counts["found"] += int(same.any(1).sum())
+        counts["wrong_class_only"] += int((overlap.any(1) & ~same.any(1)).sum())
+        counts["missed"] += int((~overlap.any(1)).sum())
+        matched: set[int] = set()
+        for j in np.argsort(-p_scores, kind="stable"):
+            free = [i for i in np.flatnonzero(same[:, j]) if i not in matched]
+            if free:
+                matched.add(int(free[0]))
+                counts["true"] += 1
+            elif same[:, j].any():
+                counts["duplicate"] += 1
+            elif overlap[:, j].any():
+                counts["wrong_class"] += 1
+            else:
+                counts["background"] += 1
+                counts[f"background_{class_names[int(p_labels[j])]}"] += 1
+    return counts

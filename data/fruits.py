@@ -106,3 +106,14 @@ def decode_images(records: list[FruitRecord], image_size: int) -> tuple[np.ndarr
     images = np.stack([resize_rgb(read_rgb(r.image_path), (image_size, image_size))
                        for r in records])
     return images, np.array([r.class_index for r in records])
+
+
+def plot_misclassified(images, records: list[FruitRecord], predicted, labels, path) -> Path:
+    """The test photos the classifier got wrong, each captioned 'name -> predicted class'."""
+    from data.outputs import plot_image_grid
+
+    wrong = np.flatnonzero(np.asarray(predicted) != np.asarray(labels))
+    return plot_image_grid(
+        [images[i] for i in wrong],
+        [f"{records[i].image_path.stem}\n-> {CLASSES[predicted[i]]}" for i in wrong],
+        path, columns=6, colors=["crimson"] * len(wrong))

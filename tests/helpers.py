@@ -51,3 +51,11 @@ def run_chapter(script: str, output_dir: Path, *args: str, timeout: float = 300,
     metrics = json.loads(metrics_path.read_text())
     metrics["_wall_seconds"] = result.seconds
     return metrics
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *words: str, code: int = 2) -> None:
+    """A user mistake: exit `code`, no traceback, one stderr line that names the problem."""
+    assert result.returncode == code, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(word in lines[0] for word in words), result.stderr

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -43,6 +45,12 @@ def test_eval_only_round_trip_reproduces_the_smoke_metrics(smoke_run, tmp_path):
     assert metrics["val_accuracy"] == pytest.approx(trained["val_accuracy"], abs=1e-9)
     assert (tmp_path / "eval" / "confusion.png").is_file()
     assert not (tmp_path / "eval" / "model.keras").exists()
+
+
+def test_tuning_run_skips_the_test_set(tmp_path):
+    metrics = run_chapter(SCRIPT, tmp_path, "--smoke", "--no-evaluate-test", timeout=120)
+    assert "val_accuracy" in metrics and not any(key.startswith("test_") for key in metrics)
+    assert not (tmp_path / "confusion.png").exists() and (tmp_path / "model.keras").is_file()
 
 
 def test_cnn_smoke_run(tmp_path):
@@ -89,6 +97,23 @@ def test_missing_model_path_exits_2(tmp_path):
     result = run_script(SCRIPT, "--smoke", "--eval-only", "--model-path", str(missing),
                         "--output-dir", str(tmp_path / "out"), check=False, timeout=120)
     _assert_one_line_error(result, "nope.keras")
+
+
+def test_eval_only_rejects_junk_and_non_mnist_models(tmp_path):
+    junk = tmp_path / "junk.keras"
+    junk.write_text("not a model")
+    result = run_script(SCRIPT, "--smoke", "--eval-only", "--model-path", str(junk),
+                        "--output-dir", str(tmp_path / "out"), check=False, timeout=120)
+    _assert_one_line_error(result, "junk.keras", "not a .keras model archive")
+    # A real .keras file, but for 48x48 colour photos and 4 classes (like chapter 2's).
+    other = tmp_path / "fruit.keras"
+    subprocess.run([sys.executable, "-c",
+                    "import sys, keras; m = keras.Sequential([keras.Input((48, 48, 3)), keras.layers.Flatten(), "
+                    "keras.layers.Dense(4)]); m.save(sys.argv[1])", str(other)],
+                   check=True, capture_output=True, env=script_env(), timeout=120)
+    result = run_script(SCRIPT, "--smoke", "--eval-only", "--model-path", str(other),
+                        "--output-dir", str(tmp_path / "out2"), check=False, timeout=120)
+    _assert_one_line_error(result, "fruit.keras", "is not an MNIST model")
 
 
 @pytest.mark.real_data

@@ -66,6 +66,11 @@ def test_user_config_file(parser, tmp_path):
         parser.parse_config(["--config", str(user)])
     with pytest.raises(UserError, match="not found"):
         parser.parse_config(["--config", str(tmp_path / "missing.toml")])
+    user.write_bytes(b"epochs = 3\n\xff\xfe\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        parser.parse_config(["--config", str(user)])
+    with pytest.raises(UserError, match="cannot read config file"):
+        parser.parse_config(["--config", str(tmp_path)])  # a folder
 
 
 def test_bad_flag_value_exits_2(parser, capsys):
@@ -73,6 +78,21 @@ def test_bad_flag_value_exits_2(parser, capsys):
         parser.parse_config(["--epochs", "ten"])
     assert info.value.code == 2
     assert "--epochs must be an integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--seed", "-1"], "--seed must be in 0..4294967295, got -1"),
+    (["--seed", str(2**32)], "--seed must be in"),
+    (["--data-dir", "FILE"], "is a file; give a folder"),
+])
+def test_seed_range_and_data_dir_file_exit_2(parser, capsys, tmp_path, flags, words):
+    (tmp_path / "FILE").write_text("not a folder")
+    flags = [str(tmp_path / "FILE") if flag == "FILE" else flag for flag in flags]
+    with pytest.raises(SystemExit) as info:
+        parser.parse_config(flags)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
 
 
 def test_merge_rejects_bool_for_int_and_bad_lists():
@@ -140,3 +160,14 @@ def test_draw_boxes_outlines_each_box_in_its_class_colour():
     assert tuple(drawn[50, 35]) == (255, 255, 255)  # inside the box, away from the caption
     default = draw_boxes(image, np.array([[10, 20, 60, 80]]), np.array([0]), ["apple", "banana"])
     assert tuple(default[50, 10]) != (255, 255, 255)  # a palette colour when none is given
+
+
+def test_require_helpers_name_the_flag_bound_and_value():
+    from data.cli import require_at_least, require_positive
+
+    cfg = {"batch_size": 1, "learning_rate": 0.0, "epochs": 3}
+    require_at_least(cfg, "epochs", 1)
+    with pytest.raises(UserError, match=r"^--batch-size must be at least 2 \(BatchNorm\), got 1$"):
+        require_at_least(cfg, "batch_size", 2, "BatchNorm")
+    with pytest.raises(UserError, match=r"^--learning-rate must be positive, got 0.0$"):
+        require_positive(cfg, "learning_rate")

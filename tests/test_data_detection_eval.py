@@ -88,3 +88,22 @@ def test_bad_inputs_are_reported():
         coco_map(GT, GT[:1], CLASSES)
     with pytest.raises(ValueError, match="iou_type"):
         coco_map(GT, GT, CLASSES, iou_type="keypoints")
+
+
+def test_error_counts_sort_each_box_into_one_kind():
+    from data.detection_eval import class_agnostic, error_counts
+
+    truth = [{"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], float),
+              "labels": np.array([0, 1, 1])}]
+    pred = [{"boxes": np.array([[0, 0, 10, 10],      # true (apple on the apple)
+                                [0, 0, 10, 11],      # duplicate apple
+                                [20, 20, 30, 30],    # wrong class: apple on the banana
+                                [80, 80, 90, 90],    # background, predicted banana
+                                [50, 50, 60, 60]],   # below the score threshold: ignored
+                               float),
+             "labels": np.array([0, 0, 0, 1, 1]), "scores": np.array([0.9, 0.8, 0.7, 0.6, 0.1])}]
+    counts = error_counts(truth, pred, ["apple", "banana"], score_threshold=0.3)
+    assert counts == {"found": 1, "wrong_class_only": 1, "missed": 1, "true": 1, "duplicate": 1,
+                      "wrong_class": 1, "background": 1, "background_apple": 0, "background_banana": 1}
+    assert class_agnostic(pred)[0]["labels"].tolist() == [0, 0, 0, 0, 0]
+    assert pred[0]["labels"].tolist() == [0, 0, 0, 1, 1]  # the input is left alone

@@ -108,3 +108,25 @@ def test_stratified_split_is_seeded_disjoint_and_stratified():
     assert counts == {"a": 15, "b": 15, "c": 14, "m": 4}
     with pytest.raises(ValueError):
         stratified_split(labels, 1.5, seed=0)
+
+
+def test_plot_misclassified_shows_only_the_wrong_photos(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from data import outputs
+
+    records = [fruits.FruitRecord(Path(f"{name}.jpg"), Path(f"{name}.xml"), name.split("_")[0], 8, 8,
+                                  np.zeros((0, 4), np.float32), [])
+               for name in ("apple_1", "banana_2", "orange_3")]
+    shown, real_grid = {}, outputs.plot_image_grid
+
+    def capture(images, titles, path, **kwargs):
+        shown.update(titles=titles, count=len(images), colors=kwargs.get("colors"))
+        return real_grid(images, titles, path, **kwargs)
+
+    monkeypatch.setattr(outputs, "plot_image_grid", capture)
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    path = fruits.plot_misclassified(images, records, np.array([0, 2, 2]), np.array([0, 1, 2]),
+                                     tmp_path / "wrong.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert shown == {"titles": ["banana_2\n-> orange"], "count": 1, "colors": ["crimson"]}
