@@ -85,6 +85,37 @@ def merge_config(base: dict[str, Any], overrides: dict[str, Any], source: str) -
     return merged
 
 
+def config_comments(path: Path) -> dict[str, str]:
+    """The comment of each top-level key of a config.toml, for `--help`.
+
+    A key's comment is the run of comment lines right above it (no blank line between;
+    section rulers such as `# --- training` are skipped) followed by the comment on its own
+    line and on the indented comment-only lines under it. Keys in tables ([smoke]) are skipped.
+    """
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    last_key = None
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if line.startswith("["):
+            break
+        if not line:
+            above, last_key = [], None
+        elif line.startswith("#"):
+            text = line.lstrip("#").strip()
+            if last_key is not None and raw[:1].isspace():  # continues the key's own comment
+                comments[last_key] = f"{comments[last_key]} {text}".strip()
+            elif not text.startswith("---"):
+                above.append(text)
+                last_key = None
+        elif "=" in line:
+            key = line.split("=", 1)[0].strip()
+            inline = line.split(" #", 1)[1].strip(" #") if " #" in line else ""
+            comments[key] = " ".join([*above, inline]).strip()
+            above, last_key = [], key
+    return comments
+
+
 # --- Flags -------------------------------------------------------------------------
 
 
@@ -111,7 +142,6 @@ class ChapterParser(argparse.ArgumentParser):
         summary = (doc or "").strip().splitlines()[0] if doc else None
         super().__init__(
             description=summary,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         self.config_path = Path(config_path)
         self.chapter = chapter
@@ -136,21 +166,22 @@ class ChapterParser(argparse.ArgumentParser):
         common.add_argument("--smoke", action="store_true",
                             help="tiny synthetic data, end to end in seconds")
         group = self.add_argument_group(f"config keys (defaults from {self.config_path.name})")
+        common.add_argument("--overwrite", action="store_true",
+                            help="replace the run already in --output-dir (its files are removed "
+                                 "first); without it such a folder is refused")
+        comments = config_comments(self.config_path)
         for key, value in self.defaults.items():
-            if key == "seed":
-                help_text = "random seed for data splits, init and shuffling"
-            else:
-                help_text = " "
+            help_text = comments.get(key, "").replace("%", "%%")  # argparse formats help with %
             if isinstance(value, bool):
                 group.add_argument(_flag(key), dest=key, action=argparse.BooleanOptionalAction,
-                                   default=None, help=f"{help_text} (config: {value})")
+                                   default=None, help=f"{help_text} (default: {value})".strip())
             elif isinstance(value, list):
                 kind = type(value[0]) if value else str
                 group.add_argument(_flag(key), dest=key, nargs="*", type=_parse_value(kind, key),
-                                   default=None, help=f"{help_text} (config: {value})")
+                                   default=None, help=f"{help_text} (default: {value})".strip())
             else:
                 group.add_argument(_flag(key), dest=key, type=_parse_value(type(value), key),
-                                   default=None, help=f"{help_text} (config: {value})")
+                                   default=None, help=f"{help_text} (default: {value})".strip())
 
     def error(self, message: str) -> None:  # one line, exit 2, as argparse does
         self.exit(2, f"error: {message} (see --help)\n")
@@ -206,4 +237,3 @@ def seed_everything(seed: int) -> None:
 
     random.seed(seed)
     np.random.seed(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)

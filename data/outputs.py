@@ -8,9 +8,13 @@ non-interactive Agg backend: nothing is ever shown on screen.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import importlib.metadata
 import json
 import math
 import os
+import platform
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -70,15 +74,147 @@ def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
     return path
 
 
-def prepare_output_dir(output_dir: Path, config: dict[str, Any], **extra: Any) -> Path:
-    """Create the output dir and save the resolved config (plus run facts) as config.json."""
+# --- One run per folder ----------------------------------------------------------------
+
+# The files that mark a folder as holding a run of ours (never delete a folder that isn't).
+RUN_MARKERS = ("config.json", "metrics.json")
+
+
+def _earlier_run(output_dir: Path) -> dict | None:
+    """The config.json of the run already in output_dir (None if there is none)."""
+    if not any((output_dir / name).is_file() for name in RUN_MARKERS):
+        return None
+    try:
+        return json.loads((output_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _clear_run(output_dir: Path) -> None:
+    """Remove everything an earlier run left in output_dir (files and sub-folders)."""
+    for entry in output_dir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def claim_output_dir(output_dir: Path, *, overwrite: bool = False, resume: bool = False,
+                     smoke: bool = False) -> Path:
+    """Make output_dir ready for a new run without silently destroying an earlier one.
+
+    A folder that already holds a run (its config.json or metrics.json) is refused with one
+    line, before anything in it is touched, unless:
+    - `resume`: the run continues there (its checkpoint, config and split are checked by
+      the chapter and by `check_resume_config` / `write_split`);
+    - `overwrite`: the earlier run's files are all removed first, so none of them can be
+      mistaken for this run's (a plot the new run does not make, an old model);
+    - both runs are `--smoke` runs: smoke folders are scratch space and are replaced.
+    """
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} is a file; give a folder")
+    earlier = _earlier_run(output_dir) if output_dir.is_dir() else None
+    if earlier is not None and not resume:
+        replace_smoke = smoke and earlier.get("smoke") is True
+        if not (overwrite or replace_smoke):
+            state = "a finished run" if (output_dir / "metrics.json").is_file() else "an unfinished run"
+            raise UserError(f"{output_dir} already holds {state}; pass --overwrite to replace it, "
+                            f"or --output-dir NEW_DIR to keep it" +
+                            ("" if state == "a finished run" else " (or --resume where the chapter has it)"))
+        _clear_run(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output dir {output_dir}: {exc.strerror}") from None
+    return output_dir
+
+
+def prepare_output_dir(output_dir: Path, config: dict[str, Any], *, overwrite: bool = False,
+                       resume: bool = False, **extra: Any) -> Path:
+    """Claim the output dir (see `claim_output_dir`) and save the resolved config as config.json.
+
+    `extra` holds run facts saved beside the config (e.g. `smoke=True`); with `resume`, the
+    config of the run being continued must match this one (see `check_resume_config`).
+    """
+    output_dir = claim_output_dir(output_dir, overwrite=overwrite, resume=resume,
+                                  smoke=bool(extra.get("smoke")))
+    if resume and (output_dir / "config.json").is_file():
+        check_resume_config(output_dir, config)
     write_json(output_dir / "config.json", {**config, **extra})
     return output_dir
+
+
+# Keys a resumed run may change: how long it goes on, and the flags that only say "resume".
+RESUMABLE_KEYS = frozenset({"resume", "epochs", "time_limit_minutes", "evaluate_test",
+                            "eval_every", "num_threads", "device", "grid_images"})
+
+
+def check_resume_config(output_dir: Path, config: dict[str, Any],
+                        may_change: frozenset[str] | set[str] = RESUMABLE_KEYS) -> None:
+    """Refuse to resume a run whose saved config differs from `config` in another key."""
+    try:
+        saved = json.loads((Path(output_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"--resume: {output_dir}/config.json is missing or unreadable; "
+                        "start a new run with --overwrite") from None
+    changed = sorted(key for key, value in config.items()
+                     if key not in may_change and key in saved and saved[key] != _jsonable(value))
+    if changed:
+        first = changed[0]
+        raise UserError(f"--resume: the run in {output_dir} was made with {first}="
+                        f"{saved[first]!r}, not {config[first]!r} (changed: {', '.join(changed)}); "
+                        "resume with its config, or start anew with --overwrite")
+
+
+def write_split(output_dir: Path, split: dict[str, Sequence[str]], resume: bool = False) -> Path:
+    """Save split.json ({"train": [names], "val": [...], "test": [...]}: what each figure was
+    measured on). A resumed run must have the same split as the run it continues."""
+    path = Path(output_dir) / "split.json"
+    split = {part: [str(name) for name in names] for part, names in split.items()}
+    if resume and path.is_file():
+        saved = json.loads(path.read_text())
+        for part in sorted(set(saved) | set(split)):
+            if saved.get(part) != split.get(part):
+                raise UserError(f"--resume: the {part} split differs from {path} (another seed, "
+                                "fraction or data folder?); resume with the same data and config")
+    return write_json(path, split)
+
+
+# --- What a result was measured on --------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_facts(frameworks: Sequence[str] = (), device: str = "cpu", device_name: str = "") -> dict:
+    """Flat facts to store in metrics.json: when, on what, with which library versions.
+
+    Versions are read from the installed packages' metadata, so this needs no framework
+    import. Version drift is what breaks study code most often; this makes it visible.
+    """
+    facts: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "cpu": _cpu_model(),
+        "num_cores": os.cpu_count(),
+        "device": device,
+        "device_name": device_name or (_cpu_model() if device == "cpu" else device),
+    }
+    for package in ("numpy", *frameworks):
+        try:
+            facts[f"{package.replace('-', '_')}_version"] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            facts[f"{package.replace('-', '_')}_version"] = None
+    return facts
 
 
 # --- Plots ---------------------------------------------------------------------------

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from data.cli import ChapterParser, UserError, merge_config
-from data.outputs import (
-    atomic_path,
-    draw_boxes,
-    plot_confusion,
-    plot_curves,
-    plot_image_grid,
-    write_json,
-    write_metrics,
-)
 
 CONFIG = """
 seed = 0
@@ -109,59 +98,6 @@ def test_bad_smoke_table_is_caught_at_start(tmp_path):
         ChapterParser(None, path, "x")
 
 
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "model.keras"
-    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
-        tmp.write_text("half")
-        raise RuntimeError("crash while saving")
-    assert list(tmp_path.iterdir()) == []
-    write_json(tmp_path / "m.json", {"a": float("nan"), "b": 1})
-    assert json.loads((tmp_path / "m.json").read_text()) == {"a": None, "b": 1}
-
-
-def test_plots_are_written(tmp_path):
-    import numpy as np
-
-    plot_curves({"loss": [1, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.8]}, tmp_path / "c.png")
-    plot_confusion(np.array([[3, 1], [0, 4]]), ["a", "b"], tmp_path / "cm.png")
-    plot_image_grid([np.zeros((8, 8), np.uint8)] * 3, ["x", "y", "z"], tmp_path / "g.png", columns=2)
-    for name in ("c.png", "cm.png", "g.png"):
-        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-
-
-def test_atomic_files_get_normal_permissions(tmp_path):
-    import os
-    import stat
-
-    umask = os.umask(0o022)
-    try:
-        write_json(tmp_path / "metrics.json", {"a": 1})
-    finally:
-        os.umask(umask)
-    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
-
-
-def test_write_metrics_saves_json_and_prints_one_line(tmp_path, capsys):
-    write_metrics(tmp_path, {"map50": 0.61234, "epochs": 80, "weights": "none"})
-    assert json.loads((tmp_path / "metrics.json").read_text())["map50"] == 0.61234
-    first, second = capsys.readouterr().out.splitlines()
-    assert first == "map50 0.612  epochs 80  weights none"
-    assert second == f"outputs in {tmp_path}"
-
-
-def test_draw_boxes_outlines_each_box_in_its_class_colour():
-    import numpy as np
-
-    image = np.full((100, 120, 3), 255, np.uint8)
-    drawn = draw_boxes(image, np.array([[10, 20, 60, 80]]), np.array([1]), ["apple", "banana"],
-                       scores=np.array([0.9]), colors={"banana": (0, 0, 255)})
-    assert drawn.shape == image.shape and (image == 255).all()  # the input is left alone
-    assert tuple(drawn[50, 10]) == (0, 0, 255) and tuple(drawn[80, 35]) == (0, 0, 255)
-    assert tuple(drawn[50, 35]) == (255, 255, 255)  # inside the box, away from the caption
-    default = draw_boxes(image, np.array([[10, 20, 60, 80]]), np.array([0]), ["apple", "banana"])
-    assert tuple(default[50, 10]) != (255, 255, 255)  # a palette colour when none is given
-
-
 def test_require_helpers_name_the_flag_bound_and_value():
     from data.cli import require_at_least, require_positive
 
@@ -171,3 +107,24 @@ def test_require_helpers_name_the_flag_bound_and_value():
         require_at_least(cfg, "batch_size", 2, "BatchNorm")
     with pytest.raises(UserError, match=r"^--learning-rate must be positive, got 0.0$"):
         require_positive(cfg, "learning_rate")
+
+
+def test_help_shows_each_keys_comment(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(
+        "# chapter header, kept apart by a blank line\n\n"
+        "# --- training\n"
+        "# peak of the schedule;\n# 50% more than the default\n"
+        "learning_rate = 0.1\n"
+        "epochs = 10          # passes over the data\n"
+        "                     # (continued here)\n"
+        "seed = 0\n\n[smoke]\nepochs = 1  # not a top-level key\n")
+    parser = ChapterParser("T.", path, "99_test")
+    from data.cli import config_comments
+
+    assert config_comments(path) == {
+        "learning_rate": "peak of the schedule; 50% more than the default",
+        "epochs": "passes over the data (continued here)", "seed": ""}
+    text = " ".join(parser.format_help().split())
+    assert "50% more than the default (default: 0.1)" in text
+    assert "passes over the data (continued here) (default: 10)" in text

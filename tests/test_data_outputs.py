@@ -1,0 +1,146 @@
+"""data/outputs.py: atomic files, one run per folder, split.json, run facts and plots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data.cli import UserError
+from data.outputs import (
+    atomic_path,
+    check_resume_config,
+    draw_boxes,
+    plot_confusion,
+    plot_curves,
+    plot_image_grid,
+    prepare_output_dir,
+    run_facts,
+    write_json,
+    write_metrics,
+    write_split,
+)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "model.keras"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash while saving")
+    assert list(tmp_path.iterdir()) == []
+    write_json(tmp_path / "m.json", {"a": float("nan"), "b": 1})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": None, "b": 1}
+
+
+def test_plots_are_written(tmp_path):
+    import numpy as np
+
+    plot_curves({"loss": [1, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.8]}, tmp_path / "c.png")
+    plot_confusion(np.array([[3, 1], [0, 4]]), ["a", "b"], tmp_path / "cm.png")
+    plot_image_grid([np.zeros((8, 8), np.uint8)] * 3, ["x", "y", "z"], tmp_path / "g.png", columns=2)
+    for name in ("c.png", "cm.png", "g.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "metrics.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
+
+
+def test_write_metrics_saves_json_and_prints_one_line(tmp_path, capsys):
+    write_metrics(tmp_path, {"map50": 0.61234, "epochs": 80, "weights": "none"})
+    assert json.loads((tmp_path / "metrics.json").read_text())["map50"] == 0.61234
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == "map50 0.612  epochs 80  weights none"
+    assert second == f"outputs in {tmp_path}"
+
+
+def test_draw_boxes_outlines_each_box_in_its_class_colour():
+    import numpy as np
+
+    image = np.full((100, 120, 3), 255, np.uint8)
+    drawn = draw_boxes(image, np.array([[10, 20, 60, 80]]), np.array([1]), ["apple", "banana"],
+                       scores=np.array([0.9]), colors={"banana": (0, 0, 255)})
+    assert drawn.shape == image.shape and (image == 255).all()  # the input is left alone
+    assert tuple(drawn[50, 10]) == (0, 0, 255) and tuple(drawn[80, 35]) == (0, 0, 255)
+    assert tuple(drawn[50, 35]) == (255, 255, 255)  # inside the box, away from the caption
+    default = draw_boxes(image, np.array([[10, 20, 60, 80]]), np.array([0]), ["apple", "banana"])
+    assert tuple(default[50, 10]) != (255, 255, 255)  # a palette colour when none is given
+
+
+def _finished_run(folder, cfg):
+    prepare_output_dir(folder, cfg)
+    (folder / "model.keras").write_bytes(b"old model")
+    (folder / "wrong.png").write_bytes(b"old plot")
+    write_metrics(folder, {"accuracy": 0.9})
+
+
+def test_a_finished_run_is_refused_and_left_untouched(tmp_path):
+    folder = tmp_path / "run"
+    _finished_run(folder, {"seed": 0})
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(UserError, match=r"already holds a finished run; pass --overwrite.*--output-dir"):
+        prepare_output_dir(folder, {"seed": 1})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_overwrite_removes_the_earlier_runs_files(tmp_path):
+    folder = tmp_path / "run"
+    _finished_run(folder, {"seed": 0})
+    (folder / "saved_model").mkdir()
+    (folder / "saved_model" / "x.pb").write_bytes(b"old")
+    prepare_output_dir(folder, {"seed": 1}, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+    assert json.loads((folder / "config.json").read_text()) == {"seed": 1}
+
+
+def test_unfinished_run_and_smoke_runs(tmp_path):
+    folder = tmp_path / "run"
+    prepare_output_dir(folder, {"seed": 0})  # config.json only: an interrupted run
+    with pytest.raises(UserError, match=r"an unfinished run.*--resume"):
+        prepare_output_dir(folder, {"seed": 0})
+    smoke = tmp_path / "smoke"
+    _finished_run(smoke, {"seed": 0, "smoke": True})
+    prepare_output_dir(smoke, {"seed": 0}, smoke=True)  # scratch space: replaced
+    assert not (smoke / "model.keras").exists()
+    prepare_output_dir(tmp_path / "new", {"seed": 0})  # an empty or missing folder is fine
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        prepare_output_dir(tmp_path / "file", {"seed": 0})
+
+
+def test_resume_checks_the_config(tmp_path):
+    folder = tmp_path / "run"
+    prepare_output_dir(folder, {"seed": 0, "epochs": 10, "image_size": 320})
+    (folder / "checkpoint.pt").write_bytes(b"state")
+    prepare_output_dir(folder, {"seed": 0, "epochs": 20, "image_size": 320}, resume=True)
+    assert (folder / "checkpoint.pt").read_bytes() == b"state"
+    with pytest.raises(UserError, match=r"made with image_size=320, not 256"):
+        prepare_output_dir(folder, {"seed": 0, "epochs": 20, "image_size": 256}, resume=True)
+    with pytest.raises(UserError, match=r"config\.json is missing"):
+        check_resume_config(tmp_path / "nothing", {"seed": 0})
+
+
+def test_split_is_saved_and_a_resume_with_another_split_is_refused(tmp_path):
+    write_split(tmp_path, {"train": ["a", "b"], "val": ["c"], "test": ["d"]})
+    assert json.loads((tmp_path / "split.json").read_text()) == {
+        "train": ["a", "b"], "val": ["c"], "test": ["d"]}
+    write_split(tmp_path, {"train": ["a", "b"], "val": ["c"], "test": ["d"]}, resume=True)
+    with pytest.raises(UserError, match=r"the (train|val) split differs"):
+        write_split(tmp_path, {"train": ["a", "c"], "val": ["b"], "test": ["d"]}, resume=True)
+
+
+def test_run_facts_name_the_date_versions_and_machine():
+    facts = run_facts(frameworks=("pytest", "not-a-package"), device="cpu")
+    assert facts["date"][:2] == "20" and facts["python"].count(".") == 2
+    assert facts["pytest_version"] and facts["not_a_package_version"] is None
+    assert facts["numpy_version"] == np.__version__
+    assert facts["device"] == "cpu" and facts["device_name"] and facts["num_cores"] >= 1
