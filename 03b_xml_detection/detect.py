@@ -14,69 +14,48 @@ How to run
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
+from shared_flags import check_common, inference_parser
 
-from data.cli import REPO_ROOT, UserError, run_main
+from data.cli import UserError, run_main
 from data.images import read_rgb, resize_rgb
 from data.outputs import atomic_path
 
 # --- Config ------------------------------------------------------------------------
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like the chapter scripts
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv):
-    parser = Parser(description=__doc__.strip().splitlines()[0],
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = inference_parser(__doc__, "03b_xml_detection-detect",
+                              "model.pt or checkpoint.pt written by train.py")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
-    parser.add_argument("--model-path", type=Path, required=True,
-                        help="model.pt or checkpoint.pt written by train.py")
-    parser.add_argument("--output-dir", type=Path,
-                        default=REPO_ROOT / "runs" / "03b_xml_detection-detect",
-                        help="where the drawn images go")
-    parser.add_argument("--score-threshold", type=float, default=0.3,
-                        help="keep boxes at least this confident")
     parser.add_argument("--max-side", type=int, default=1024,
                         help="drawn images are shrunk to this longest side")
-    args = parser.parse_args(argv)
-    if not 0 <= args.score_threshold <= 1:
-        parser.error(f"--score-threshold must be between 0 and 1, got {args.score_threshold}")
-    return args
-
-
-# --- Model / Evaluate ---------------------------------------------------------------
-
-
-def detect(model, image: np.ndarray, size: int, torch) -> dict:
-    """Detections for one RGB uint8 image, in its own pixel coordinates."""
-    height, width = image.shape[:2]
-    pixels = torch.tensor(resize_rgb(image, (size, size))).permute(2, 0, 1).float() / 255
-    with torch.no_grad():
-        out = model([pixels])[0]
-    scale = np.array([width / size, height / size] * 2, dtype=np.float32)
-    return {"boxes": out["boxes"].numpy() * scale, "labels": out["labels"].numpy(),
-            "scores": out["scores"].numpy()}
+    return check_common(parser, parser.parse_args(argv))
 
 
 # --- Save --------------------------------------------------------------------------
 
 
+def save_drawing(image, boxes, labels, scores, max_side: int, target: Path) -> None:
+    from model import draw_boxes
+    from PIL import Image
+
+    shrink = min(1.0, max_side / max(image.shape[:2]))
+    small = resize_rgb(image, (max(1, round(image.shape[1] * shrink)), max(1, round(image.shape[0] * shrink))))
+    with atomic_path(target) as tmp:
+        Image.fromarray(draw_boxes(small, boxes * shrink, labels, scores)).save(tmp, format="PNG")
+
+
 def main(argv=None) -> list[str]:
     args = parse_args(argv)
-    import model as detector  # 03b_xml_detection/model.py, shared with train.py
-    import torch
-    from train import draw_boxes
+    import model as detector  # torch: imported only after the flags are parsed
 
-    torch.set_num_threads(2)
+    device = detector.pick_device(args.device)
+    detector.set_threads(args.num_threads)
     model, arch = detector.load_checkpoint_model(args.model_path)
-    model.eval()
+    model.to(device)
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -84,17 +63,11 @@ def main(argv=None) -> list[str]:
     lines = []
     for path in args.images:
         image = read_rgb(path)  # UserError naming the file if it is not an image
-        found = detect(model, image, arch["image_size"], torch)
+        found = detector.detect_photo(model, image, arch["image_size"], device)
         keep = found["scores"] >= args.score_threshold
         boxes, labels, scores = found["boxes"][keep], found["labels"][keep], found["scores"][keep]
-        shrink = min(1.0, args.max_side / max(image.shape[:2]))
-        small = resize_rgb(image, (max(1, round(image.shape[1] * shrink)), max(1, round(image.shape[0] * shrink))))
-        drawn = draw_boxes(small, boxes * shrink, labels, scores)
         target = args.output_dir / f"{path.stem}_detections.png"
-        from PIL import Image
-
-        with atomic_path(target) as tmp:
-            Image.fromarray(drawn).save(tmp, format="PNG")
+        save_drawing(image, boxes, labels, scores, args.max_side, target)
         for box, label, score in zip(boxes, labels, scores, strict=True):
             x0, y0, x1, y1 = (round(float(v)) for v in box)
             lines.append(f"{path}  {detector.CLASS_NAMES[int(label)]}  {score:.3f}  {x0} {y0} {x1} {y1}")

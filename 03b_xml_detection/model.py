@@ -1,4 +1,8 @@
-"""The detector shared by train.py and detect.py: torchvision FCOS, built one of three ways.
+"""The detector and its inference, shared by train.py, detect.py and analyse.py.
+
+The model is torchvision's FCOS, built one of three ways (below). Beside it: choosing the
+device, decoding photos into tensors with their boxes (`preload`), predicting boxes
+(`predict`, `detect_photo`) and drawing them (`draw_boxes`).
 
 Why FCOS: it is anchor-free (one point per feature-map cell predicts the distances to the
 four box sides, plus a class and a "centerness" score), so there are no anchor sizes and
@@ -19,9 +23,12 @@ which does not care about the small batches a CPU affords.
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models import resnet18
@@ -34,9 +41,12 @@ from torchvision.models.detection.fcos import (
     FCOSRegressionHead,
 )
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from tqdm import tqdm
 
+from data import outputs
 from data.cli import UserError
-from data.fruits import BOX_CLASSES
+from data.fruits import BOX_CLASSES, BOX_COLORS, FruitRecord
+from data.images import read_rgb, resize_rgb
 
 CLASS_NAMES = BOX_CLASSES  # FCOS has no background class: labels are 0..2
 
@@ -147,3 +157,115 @@ def make_model(weights: str, cfg: dict) -> tuple[nn.Module, dict]:
         model.transform.min_size = (cfg["image_size"],)
         model.transform.max_size = cfg["image_size"]
     return model, arch
+
+
+def fp32_outside_the_network(model: nn.Module) -> nn.Module:
+    """Under bf16 autocast, keep FCOS's losses and box decoding in float32.
+
+    Autocast runs the convolutions in bfloat16, whose 8-bit mantissa cannot hold a box
+    side of 300 px to the pixel; the losses (focal, GIoU, centerness) and the decoding of
+    boxes from the head's outputs therefore get float32 copies of those outputs. A no-op
+    when autocast is off (float32 tensors are passed through as they are). Call it on each
+    copy of the model (the EMA's too): the wrappers hold that copy's own methods.
+    """
+    compute_loss, postprocess = model.compute_loss, model.postprocess_detections
+
+    def loss_fp32(targets, head_outputs, anchors, num_anchors_per_level):
+        with torch.autocast("cuda", enabled=False):
+            head_outputs = {k: v.float() for k, v in head_outputs.items()}
+            anchors = [a.float() for a in anchors]  # built in the features' dtype
+            return compute_loss(targets, head_outputs, anchors, num_anchors_per_level)
+
+    def postprocess_fp32(head_outputs, anchors, image_sizes):
+        with torch.autocast("cuda", enabled=False):
+            head_outputs = {k: [v.float() for v in vs] for k, vs in head_outputs.items()}
+            # Here each image's anchors come split by pyramid level: a list of tensors.
+            anchors = [[level.float() for level in per_image] for per_image in anchors]
+            return postprocess(head_outputs, anchors, image_sizes)
+
+    model.compute_loss, model.postprocess_detections = loss_fp32, postprocess_fp32
+    return model
+
+
+# --- Device ------------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' (CUDA when PyTorch sees a GPU, else the CPU), 'cpu' or 'cuda'."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: PyTorch sees no CUDA GPU here "
+                        "(torch.cuda.is_available() is False); use --device cpu or --device auto")
+    use_cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+
+
+def set_threads(num_threads: int) -> int:
+    """CPU threads for PyTorch's own kernels (0 = all the machine's cores)."""
+    threads = num_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+# --- Photos and boxes ----------------------------------------------------------------
+
+
+class Photos(NamedTuple):
+    """Decoded photos: (N,3,S,S) uint8 images, and per photo its boxes (K,4) and labels (K,)."""
+    images: torch.Tensor
+    boxes: list[torch.Tensor]
+    labels: list[torch.Tensor]
+
+    def truth(self) -> list[dict]:
+        """Ground truth in the numpy form `data.detection_eval` scores against."""
+        return [{"boxes": b.numpy(), "labels": lab.numpy()}
+                for b, lab in zip(self.boxes, self.labels, strict=True)]
+
+
+def preload(records: list[FruitRecord], size: int, desc: str) -> Photos:
+    """Decode every photo once, squashed to size x size, its boxes scaled per axis."""
+    images, boxes, labels = [], [], []
+    for record in tqdm(records, desc=desc, leave=False):
+        pixels = resize_rgb(read_rgb(record.image_path), (size, size))
+        images.append(torch.tensor(pixels).permute(2, 0, 1).contiguous())
+        scale = np.array([size / record.width, size / record.height] * 2, dtype=np.float32)
+        boxes.append(torch.from_numpy(record.boxes * scale))
+        labels.append(torch.tensor([BOX_CLASSES.index(n) for n in record.box_labels]))
+    return Photos(torch.stack(images), boxes, labels)
+
+
+# --- Inference -----------------------------------------------------------------------
+
+
+def predict(model: nn.Module, images: torch.Tensor, device: torch.device,
+            batch_size: int = 8) -> list[dict]:
+    """Boxes, labels and scores (numpy) for (N,3,S,S) uint8 images, in S x S pixels.
+
+    Always float32, also on a GPU: the ranking of the scores decides the mAP."""
+    model.eval()
+    results = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].to(device).float() / 255
+            for out in model(list(batch)):
+                results.append({k: v.cpu().numpy() for k, v in out.items()})
+    return results
+
+
+def detect_photo(model: nn.Module, image: np.ndarray, size: int, device: torch.device) -> dict:
+    """Detections for one RGB uint8 image of any size, in its own pixel coordinates."""
+    height, width = image.shape[:2]
+    pixels = torch.tensor(resize_rgb(image, (size, size))).permute(2, 0, 1)
+    (found,) = predict(model, pixels[None], device)
+    found["boxes"] = found["boxes"] * np.array([width / size, height / size] * 2, dtype=np.float32)
+    return found
+
+
+def draw_boxes(image: np.ndarray, boxes, labels, scores=None) -> np.ndarray:
+    """Fruit boxes with 'class score' captions on an RGB uint8 image."""
+    return outputs.draw_boxes(image, boxes, labels, CLASS_NAMES, scores, BOX_COLORS)

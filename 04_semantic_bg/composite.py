@@ -16,13 +16,18 @@ the probability is upsampled to full size; the composite has the photo's full re
 How to run:
     python 04_semantic_bg/composite.py --foreground person.jpg --background beach.jpg
     python 04_semantic_bg/composite.py --foreground person.jpg --mode blur \
-        --model lraspp_mobilenet_v3_large               # ~3x faster than ResNet-101 (below)
+        --model lraspp_mobilenet_v3_large --output-dir runs/04_semantic_bg-composite-blur   # ~3x faster
     python 04_semantic_bg/composite.py --foreground person.jpg --background beach.jpg \
-        --mode all --weights runs/04_semantic_bg/model.pt   # offline: the model train.py made
+        --mode all --weights runs/04_semantic_bg/model.pt \
+        --output-dir runs/04_semantic_bg-composite-own  # offline: the model train.py made
     python 04_semantic_bg/composite.py --smoke          # synthetic photos, untrained model
 
+A folder that holds an earlier composite is refused unless --overwrite. --device auto
+uses a CUDA GPU when torch sees one; --num-threads 0 uses all CPU cores.
+
 Outputs in --output-dir: composite_<mode>.jpg, mask.png (the alpha matte), figure.png
-(mask | person cut out | background with the person's hole), metrics.json, config.json.
+(mask | person cut out | background with the person's hole), metrics.json (with the
+device and library versions), config.json.
 
 What to expect (measured on 2 CPU cores, a PennFudanPed photo resized to 1920x1080,
 --mode replace; seconds from reading the photos to the last file written, after the
@@ -47,11 +52,12 @@ from PIL import Image
 
 from data.cli import ChapterParser, UserError, require, run_main, seed_everything
 from data.images import read_rgb
-from data.outputs import atomic_path, plot_image_grid, prepare_output_dir, write_json
+from data.outputs import atomic_path, plot_image_grid, prepare_output_dir, run_facts, write_json
 
-CHAPTER = "04_semantic_bg/composite"  # default output: runs/04_semantic_bg/composite/, beside train.py's run
+# default output: runs/04_semantic_bg-composite/, beside (not inside: train.py --overwrite clears
+# its own folder) the run of train.py
+CHAPTER = "04_semantic_bg-composite"
 CONFIG_PATH = Path(__file__).with_name("composite.toml")
-COCO_WORKING_SIZE = 640  # longest side; close to torchvision's 520-px shorter side on a 4:3 photo
 
 # --- Config -------------------------------------------------------------------------
 
@@ -66,9 +72,12 @@ def check_config(cfg: dict) -> tuple[str, ...]:
             "need 0 <= --matte-low < --matte-high <= 1")
     require(cfg["output_format"] in ("jpg", "png"), "--output-format must be jpg or png")
     require(cfg["working_size"] >= 0, "--working-size must be 0 (automatic) or a size in pixels")
-    require(cfg["num_threads"] >= 1, f"--num-threads must be at least 1, got {cfg['num_threads']}")
+    require(cfg["num_threads"] >= 0, f"--num-threads must be 0 (all cores) or more, got {cfg['num_threads']}")
+    require(cfg["device"] in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
     require(1 <= cfg["jpeg_quality"] <= 100, f"--jpeg-quality must be in 1..100, got {cfg['jpeg_quality']}")
     require(bool(cfg["weights"]), "--weights must be coco, random or a .pt file from train.py")
+    require(cfg["weights"] in ("coco", "random") or Path(cfg["weights"]).is_file(),
+            f"weights file not found: {cfg['weights']} (--weights takes coco, random or a .pt from train.py)")
     return matting.MODES if cfg["mode"] == "all" else (cfg["mode"],)
 
 
@@ -89,36 +98,7 @@ def write_smoke_inputs(folder: Path, seed: int) -> tuple[Path, Path]:
     return root / "PNGImages" / "FudanPed00001.png", background
 
 
-# --- Model --------------------------------------------------------------------------
-
-
-def load_segmenter(cfg: dict):
-    """Returns (model, person channel, working size, description)."""
-    from segmenters import VOC_PERSON, build_model, load_checkpoint
-
-    weights = cfg["weights"]
-    if weights == "coco":
-        model = build_model(cfg["model"], num_classes=21, pretrained=True).eval()
-        return model, VOC_PERSON, cfg["working_size"] or COCO_WORKING_SIZE, f"{cfg['model']} (COCO)"
-    if weights == "random":  # untrained: to time a model, or to smoke-test the plumbing
-        model = build_model(cfg["model"], num_classes=2).eval()
-        size = cfg["working_size"] or (320 if cfg["model"] == "unet" else COCO_WORKING_SIZE)
-        return model, 1, size, f"{cfg['model']} (random init)"
-    model, checkpoint = load_checkpoint(Path(weights))
-    size = cfg["working_size"] or checkpoint["image_size"]
-    return model, checkpoint["person_class"], size, f"{checkpoint['arch']} ({weights})"
-
-
-def segment(model, image: np.ndarray, person_class: int, working_size: int) -> np.ndarray:
-    """Person probability (H, W) at the photo's full size, from a working-size pass."""
-    from segmenters import person_probability
-
-    height, width = image.shape[:2]
-    small_height, small_width = matting.fit_longest_side(height, width, working_size)
-    small = cv2.resize(image, (small_width, small_height), interpolation=cv2.INTER_AREA)
-    probability = person_probability(model, small, person_class)
-    # bilinear upsampling of the *probability* (not of a 0/1 mask) keeps the edge smooth
-    return cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
+# --- Model: load_segmenter and segment_photo are in segmenters.py ----------------------
 
 
 # --- Save ---------------------------------------------------------------------------
@@ -147,33 +127,37 @@ def save_figure(path: Path, foreground: np.ndarray, alpha: np.ndarray) -> None:
                     path, columns=3, cell=3.2)
 
 
-def main(argv=None) -> dict:
-    parser = ChapterParser(__doc__, CONFIG_PATH, CHAPTER)
-    cfg, args = parser.parse_config(argv)
-    modes = check_config(cfg)
-    output_dir = prepare_output_dir(args.output_dir, cfg, smoke=args.smoke)
-    if args.smoke and not cfg["foreground"]:
+def read_inputs(cfg: dict, modes: tuple[str, ...], smoke: bool, output_dir: Path):
+    """(foreground, background or None): EXIF-upright RGB, whatever the files' modes."""
+    if smoke and not cfg["foreground"]:
         foreground_path, background_path = write_smoke_inputs(output_dir / "smoke_inputs", cfg["seed"])
         cfg["foreground"] = str(foreground_path)
         cfg["background"] = cfg["background"] or str(background_path)
     require(bool(cfg["foreground"]), "--foreground PHOTO is required (the photo with the person)")
     require("replace" not in modes or bool(cfg["background"]),
             f"--mode {cfg['mode']} needs --background PHOTO (or use --mode blur / gray)")
+    return read_rgb(cfg["foreground"]), read_rgb(cfg["background"]) if "replace" in modes else None
+
+
+def main(argv=None) -> dict:
+    parser = ChapterParser(__doc__, CONFIG_PATH, CHAPTER)
+    cfg, args = parser.parse_config(argv)
+    modes = check_config(cfg)
+    output_dir = prepare_output_dir(args.output_dir, cfg, overwrite=args.overwrite, smoke=args.smoke)
     start = time.monotonic()
-    foreground = read_rgb(cfg["foreground"])  # EXIF-upright RGB, whatever the file's mode
-    background = read_rgb(cfg["background"]) if "replace" in modes else None
+    foreground, background = read_inputs(cfg, modes, args.smoke, output_dir)
     read_seconds = time.monotonic() - start
 
-    import torch  # after the cheap checks: a bad flag or file fails in well under a second
+    import segmenters  # torch loads only now: a bad flag or file fails in well under a second
 
     seed_everything(cfg["seed"])
-    torch.manual_seed(cfg["seed"])
-    torch.set_num_threads(cfg["num_threads"])
-    model, person_class, working_size, description = load_segmenter(cfg)
-    model = model.to(memory_format=torch.channels_last)
+    device = segmenters.start_torch(cfg["device"], cfg["num_threads"], cfg["seed"])
+    model, person_class, working_size, description = segmenters.load_segmenter(
+        cfg["weights"], cfg["model"], cfg["working_size"])
+    model = segmenters.prepare_model(model, device)
 
     start = time.monotonic()
-    probability = segment(model, foreground, person_class, working_size)
+    probability = segmenters.segment_photo(model, foreground, person_class, working_size, device)
     segment_seconds = time.monotonic() - start
     height, width = probability.shape
     alpha = matting.soft_matte(probability, foreground, cfg["matte_low"], cfg["matte_high"],
@@ -182,7 +166,9 @@ def main(argv=None) -> dict:
     person_fraction = float((alpha > 0.5).mean())
     metrics = {"model": description, "working_size": working_size, "width": width, "height": height,
                "person_fraction": person_fraction, "max_person_probability": float(probability.max()),
-               "segment_seconds": segment_seconds}
+               "segment_seconds": segment_seconds,
+               **run_facts(("torch", "torchvision"), device=device.type,
+                           device_name=segmenters.device_name(device))}
     if person_fraction < cfg["min_person"] and cfg["weights"] != "random":  # untrained: no verdict
         write_json(output_dir / "metrics.json", {**metrics, "person_found": False})
         raise UserError(f"no person found in {cfg['foreground']} (highest person probability "

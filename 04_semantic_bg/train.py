@@ -10,37 +10,60 @@ resolution, and boundary F1 (how much of the predicted outline lies within 3 px 
 true one, and vice versa).
 
 How to run:
-    python 04_semantic_bg/train.py                      # from scratch (--weights none), ~35 min
+    python 04_semantic_bg/train.py                      # from scratch (--weights none), ~35 min on 2 CPU cores
+    python 04_semantic_bg/train.py --device cuda --output-dir runs/04_semantic_bg-gpu   # on a GPU
     python 04_semantic_bg/train.py --weights coco --model lraspp_mobilenet_v3_large \
-        --lr 0.0005 --epochs 30                         # fine-tune (needs the COCO download)
-    python 04_semantic_bg/train.py --smoke              # synthetic photos, about 6 s
+        --learning-rate 0.0005 --epochs 30 --output-dir runs/04_semantic_bg-lraspp   # fine-tune (COCO download)
+    python 04_semantic_bg/train.py --no-evaluate-test --copy-paste 0 \
+        --output-dir runs/04_semantic_bg-tune           # a tuning run: the test photos are never read
+    python 04_semantic_bg/train.py --smoke              # synthetic photos, ~35 s on 2 cores
 
-The 170 photos are split (seeded) 120 train / 20 val / 30 test; the epoch with the best
-val IoU is kept and measured once on test. Outputs in --output-dir: model.pt (load it
-with composite.py --weights PATH), metrics.json, curves.png, predictions.png.
+The 170 photos are split (seeded; --val-fraction, --test-fraction) 120 train / 20 val /
+30 test, and split.json names them; the epoch with the best val IoU is kept and measured
+once on test. An earlier run in --output-dir is refused unless --overwrite. Outputs in
+--output-dir: model.pt (load it with composite.py --weights PATH), metrics.json (test
+figures with bootstrap 95% intervals over the test photos, val figures, the machine and
+library versions), config.json, split.json, curves.png, predictions.png.
+
+This file holds the config, the data and its augmentation, and main(); the training loop
+is in training.py, the scores in scoring.py, the models and inference in segmenters.py.
+
+Where it runs: --device auto takes a CUDA GPU when torch sees one (with bf16 autocast,
+--no-mixed-precision to turn it off), else the CPU, with --num-threads 0 = all cores. On
+the CPU a seed gives the same figures run after run (--deterministic); a GPU run varies a
+little (see segmenters.start_torch).
 
 What to expect (measured on 2 shared CPU cores, seed 0):
     python 04_semantic_bg/train.py --data-dir /tmp/dd
     -> test person IoU 0.779, pixel accuracy 0.952, boundary F1 0.740 (3 px);
        val IoU 0.804 (best epoch 180 of 200); 2.1M parameters; train_seconds 2061
-       (34 min; this run shared the CPU for its first 10 min).
+       (34 min; this run shared the CPU for its first 10 min; measured before the
+       intervals were added).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 from matting import fit_longest_side  # the chapter's own modules sit beside this script
 from tqdm import tqdm
 
-from data.cli import ChapterParser, UserError, require, run_main, seed_everything
-from data.outputs import plot_curves, plot_image_grid, prepare_output_dir, write_json
-from data.pennfudan import load_pennfudan
+from data.cli import ChapterParser, require, run_main, seed_everything
+from data.outputs import (
+    plot_curves,
+    plot_image_grid,
+    prepare_output_dir,
+    run_facts,
+    write_json,
+    write_split,
+)
+from data.pennfudan import PedRecord, load_pennfudan
 from data.synthetic import write_pennfudan
 
 CHAPTER = "04_semantic_bg"
@@ -54,20 +77,32 @@ def check_config(cfg: dict) -> None:
     require(cfg["weights"] == "none" or cfg["model"] != "unet",
             "--weights coco fine-tunes a torchvision model: add --model lraspp_mobilenet_v3_large "
             "(or deeplabv3_resnet50 / deeplabv3_resnet101); the U-Net trains from scratch")
+    require(cfg["device"] in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
     require(cfg["crop_size"] <= cfg["image_size"], "--crop-size must not exceed --image-size")
     require(cfg["crop_size"] % 32 == 0, "--crop-size must be a multiple of 32 (the U-Net's stride)")
     require(0 < cfg["scale_min"] <= cfg["scale_max"], "need 0 < --scale-min <= --scale-max")
     require(0.0 <= cfg["copy_paste"] <= 1.0, "--copy-paste is a probability in [0, 1]")
-    for key in ("epochs", "batch_size", "val_every", "num_val", "num_test", "width", "num_threads",
-                "crop_size"):
+    for key in ("epochs", "batch_size", "eval_every", "width", "crop_size"):
         require(cfg[key] >= 1, f"--{key.replace('_', '-')} must be at least 1")
-    # Even: BatchNorm needs 2+ photos, and torch 2.14.1 segfaults on odd CPU batches (see train).
+    require(cfg["num_threads"] >= 0, f"--num-threads must be 0 (all cores) or more, got {cfg['num_threads']}")
+    for key in ("val_fraction", "test_fraction"):
+        require(0 < cfg[key] < 1, f"--{key.replace('_', '-')} must be between 0 and 1, got {cfg[key]}")
+    require(cfg["val_fraction"] + cfg["test_fraction"] < 1, "--val-fraction + --test-fraction must leave "
+            "photos to train on")
+    # Even: BatchNorm needs 2+ photos, and torch 2.14.1 segfaults on odd CPU batches (see training.py).
     require(cfg["batch_size"] % 2 == 0, f"--batch-size must be even, got {cfg['batch_size']}")
-    require(cfg["lr"] > 0, f"--lr must be positive, got {cfg['lr']}")
+    require(cfg["learning_rate"] > 0, f"--learning-rate must be positive, got {cfg['learning_rate']}")
     require(cfg["weight_decay"] >= 0, f"--weight-decay must be at least 0, got {cfg['weight_decay']}")
 
 
 # --- Data ---------------------------------------------------------------------------
+
+
+class Cutout(NamedTuple):
+    """One person cut out of a training photo, for copy-paste augmentation."""
+
+    patch: np.ndarray  # (h, w, 3) uint8: the person's bounding box
+    mask: np.ndarray   # (h, w) uint8 0/1: which of its pixels are the person
 
 
 @dataclass
@@ -78,7 +113,7 @@ class Photo:
     image: np.ndarray         # (h, w, 3) uint8, longest side = image_size
     mask: np.ndarray          # (h, w) uint8 0/1
     full_mask: np.ndarray     # (H, W) bool at the photo's own size
-    people: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # cut-outs
+    people: list[Cutout] = field(default_factory=list)
 
 
 def shrink_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -99,22 +134,45 @@ def load_photos(records, image_size: int) -> list[Photo]:
             ys, xs = np.nonzero(person)
             if len(ys) >= 64:  # skip slivers: tiny, cut-off people paste as noise
                 box = np.s_[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-                people.append((small[box].copy(), person[box].astype(np.uint8)))
+                people.append(Cutout(small[box].copy(), person[box].astype(np.uint8)))
         full = record.person_mask()
         photos.append(Photo(record.image_path.stem, small, shrink_mask(full, (width, height)).astype(np.uint8),
                             full, people))
     return photos
 
 
-def split_photos(photos: list[Photo], num_val: int, num_test: int, seed: int):
-    require(len(photos) > num_val + num_test,
-            f"{len(photos)} photos cannot give {num_val} val + {num_test} test and a train split")
-    order = np.random.default_rng(seed).permutation(len(photos))
+@dataclass
+class Split:
+    """Which photos train, pick the best epoch (val), and give the final figures (test)."""
+
+    train: list[PedRecord]
+    val: list[PedRecord]
+    test: list[PedRecord]
+
+    def names(self) -> dict[str, list[str]]:
+        return {part: [record.image_path.name for record in getattr(self, part)]
+                for part in ("train", "val", "test")}
+
+
+def read_records(data_dir: Path, smoke: bool, output_dir: Path, cfg: dict) -> list[PedRecord]:
+    if smoke:  # same loader, same code path, on photos drawn for the purpose
+        write_pennfudan(output_dir / "smoke_data", count=cfg["smoke_images"], seed=cfg["seed"])
+        return load_pennfudan(output_dir / "smoke_data", fetch=False)
+    return load_pennfudan(data_dir)
+
+
+def split_records(records: list[PedRecord], val_fraction: float, test_fraction: float, seed: int) -> Split:
+    """A seeded shuffle: the first test_fraction of it is test, the next val_fraction val."""
+    num_test, num_val = round(test_fraction * len(records)), round(val_fraction * len(records))
+    require(num_test >= 1 and num_val >= 1 and len(records) > num_val + num_test,
+            f"{len(records)} photos cannot give {num_val} val + {num_test} test photos and a train split; "
+            "change --val-fraction / --test-fraction")
+    order = np.random.default_rng(seed).permutation(len(records))
     test, val, train = np.split(order, [num_test, num_test + num_val])
-    return [photos[i] for i in train], [photos[i] for i in val], [photos[i] for i in test]
+    return Split(*([records[i] for i in part] for part in (train, val, test)))
 
 
-def paste_people(image: np.ndarray, mask: np.ndarray, donors: list, rng) -> None:
+def paste_people(image: np.ndarray, mask: np.ndarray, donors: list[Cutout], rng) -> None:
     """Copy-paste augmentation (Ghiasi et al. 2021), in place: 1-2 people from other photos."""
     height, width = mask.shape
     for _ in range(int(rng.integers(1, 3))):
@@ -135,7 +193,7 @@ def paste_people(image: np.ndarray, mask: np.ndarray, donors: list, rng) -> None
         mask[region] |= patch_mask
 
 
-def random_view(photo: Photo, donors: list, cfg: dict, rng) -> tuple[np.ndarray, np.ndarray]:
+def random_view(photo: Photo, donors: list[Cutout], cfg: dict, rng) -> tuple[np.ndarray, np.ndarray]:
     """One augmented training crop (crop_size^2): paste, zoom, tilt, shift, flip, colors."""
     image, mask = photo.image.copy(), photo.mask.copy()
     if donors and rng.random() < cfg["copy_paste"]:
@@ -158,6 +216,17 @@ def random_view(photo: Photo, donors: list, cfg: dict, rng) -> tuple[np.ndarray,
     return jitter_colors(image, cfg["color_jitter"], rng), np.ascontiguousarray(mask)
 
 
+def view_maker(train_set: list[Photo], cfg: dict, rng) -> Callable[[np.ndarray], tuple]:
+    """The training loop's source of batches: indices in, augmented (images, masks) out."""
+    donors = [person for photo in train_set for person in photo.people]
+
+    def make_views(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        views = [random_view(train_set[i], donors, cfg, rng) for i in batch]
+        return np.stack([image for image, _ in views]), np.stack([mask for _, mask in views])
+
+    return make_views
+
+
 def jitter_colors(image: np.ndarray, strength: float, rng) -> np.ndarray:
     x = image.astype(np.float32) * rng.uniform(1 - strength, 1 + strength)  # brightness
     mean = x.mean()
@@ -165,138 +234,6 @@ def jitter_colors(image: np.ndarray, strength: float, rng) -> np.ndarray:
     gray = x.mean(axis=2, keepdims=True)
     x = gray + (x - gray) * rng.uniform(1 - strength, 1 + strength)  # saturation
     return np.clip(x, 0, 255).astype(np.uint8)
-
-
-# --- Model --------------------------------------------------------------------------
-
-
-def make_model(cfg: dict):
-    from segmenters import build_model
-
-    model_kwargs = {"width": cfg["width"]} if cfg["model"] == "unet" else {}
-    model = build_model(cfg["model"], num_classes=2, pretrained=cfg["weights"] == "coco",
-                        **model_kwargs)
-    return model, model_kwargs
-
-
-# --- Train --------------------------------------------------------------------------
-
-
-def segmentation_loss(logits, target, dice_weight: float):
-    import torch.nn.functional as F
-
-    loss = F.cross_entropy(logits, target)
-    if dice_weight:
-        person = logits.softmax(1)[:, 1]
-        truth = target.float()
-        dice = 1 - (2 * (person * truth).sum() + 1) / (person.sum() + truth.sum() + 1)
-        loss = loss + dice_weight * dice
-    return loss
-
-
-def train(model, train_set: list[Photo], val_set: list[Photo], cfg: dict, rng):
-    """Cosine-scheduled AdamW; validates every `val_every` epochs, keeps the best state."""
-    import torch
-    from segmenters import to_tensor
-
-    steps_per_epoch = math.ceil(len(train_set) / cfg["batch_size"])
-    total, warmup = cfg["epochs"] * steps_per_epoch, cfg["warmup_epochs"] * steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
-        (step + 1) / max(warmup, 1), 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))))
-    donors = [person for photo in train_set for person in photo.people]
-    history = {"loss": [], "iou": [], "val_iou": [], "val_boundary_f1": []}
-    best = {"val_iou": -1.0, "epoch": 0, "state": None}
-    running = {"loss": 0.0, "batches": 0, "intersection": 0, "union": 0}
-    progress = tqdm(range(1, cfg["epochs"] + 1), desc="train", leave=False)
-    for epoch in progress:
-        model.train()
-        order = rng.permutation(len(train_set))
-        for start in range(0, len(order), cfg["batch_size"]):
-            batch = order[start:start + cfg["batch_size"]]
-            # torch 2.14.1's channels-last conv backward on CPU segfaults on odd batch sizes
-            # (measured): drop the odd photo of a short last batch (it is seen next epoch).
-            batch = batch[:len(batch) // 2 * 2]
-            if not len(batch):
-                continue
-            views = [random_view(train_set[i], donors, cfg, rng) for i in batch]
-            images = to_tensor(np.stack([v[0] for v in views]))
-            target = torch.from_numpy(np.stack([v[1] for v in views])).long()
-            logits = model(images)
-            loss = segmentation_loss(logits, target, cfg["dice_weight"])
-            if not torch.isfinite(loss):
-                raise UserError(f"the loss became {loss.item()} at epoch {epoch}; try a lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            predicted = logits.argmax(1).bool()
-            running["loss"] += loss.item()
-            running["batches"] += 1
-            running["intersection"] += (predicted & target.bool()).sum().item()
-            running["union"] += (predicted | target.bool()).sum().item()
-        if epoch % cfg["val_every"] == 0 or epoch == cfg["epochs"]:
-            scores = evaluate(model, val_set, cfg)
-            history["loss"].append(running["loss"] / running["batches"])
-            history["iou"].append(running["intersection"] / max(running["union"], 1))
-            history["val_iou"].append(scores["iou"])
-            history["val_boundary_f1"].append(scores["boundary_f1"])
-            running = dict.fromkeys(running, 0)
-            if scores["iou"] > best["val_iou"]:
-                best = {"val_iou": scores["iou"], "epoch": epoch,
-                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-            progress.set_postfix(loss=f"{history['loss'][-1]:.3f}", val_iou=f"{scores['iou']:.3f}")
-            print(f"epoch {epoch:4d}  loss {history['loss'][-1]:.4f}  train IoU {history['iou'][-1]:.3f}"
-                  f"  val IoU {scores['iou']:.3f}  val BF1 {scores['boundary_f1']:.3f}", flush=True)
-    model.load_state_dict(best["state"])
-    return history, best
-
-
-# --- Evaluate -----------------------------------------------------------------------
-
-
-def predict_probability(model, image: np.ndarray, full_size: tuple[int, int], flip_tta: bool) -> np.ndarray:
-    """Person probability at full resolution (H, W) for one working-size photo."""
-    from segmenters import person_probability
-
-    probability = person_probability(model, image, person_class=1, flip=flip_tta)
-    return cv2.resize(probability, (full_size[1], full_size[0]), interpolation=cv2.INTER_LINEAR)
-
-
-def boundary_f1(predicted: np.ndarray, truth: np.ndarray, tolerance: float) -> float:
-    """F1 of outline pixels matched within `tolerance` px (Csurka et al. 2013's BF score)."""
-    def outline(mask):
-        mask = mask.astype(np.uint8)
-        return (mask - cv2.erode(mask, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE)) > 0
-    edge_predicted, edge_truth = outline(predicted), outline(truth)
-    if not edge_predicted.any() and not edge_truth.any():
-        return 1.0
-    if not edge_predicted.any() or not edge_truth.any():
-        return 0.0
-    def distance_to(edge):  # distance of every pixel to the nearest pixel of `edge`
-        return cv2.distanceTransform((~edge).astype(np.uint8), cv2.DIST_L2, 3)
-    precision = (distance_to(edge_truth)[edge_predicted] <= tolerance).mean()
-    recall = (distance_to(edge_predicted)[edge_truth] <= tolerance).mean()
-    return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
-
-
-def evaluate(model, photos: list[Photo], cfg: dict, keep_masks: bool = False) -> dict:
-    """IoU and pixel accuracy pooled over all pixels; boundary F1 averaged over photos."""
-    model.eval()
-    intersection = union = correct = total = 0
-    f1_scores, masks = [], []
-    for photo in photos:
-        predicted = predict_probability(model, photo.image, photo.full_mask.shape, cfg["flip_tta"]) > 0.5
-        truth = photo.full_mask
-        intersection += int((predicted & truth).sum())
-        union += int((predicted | truth).sum())
-        correct += int((predicted == truth).sum())
-        total += truth.size
-        f1_scores.append(boundary_f1(predicted, truth, cfg["boundary_tolerance"]))
-        if keep_masks:
-            masks.append(predicted)
-    return {"iou": intersection / max(union, 1), "pixel_accuracy": correct / max(total, 1),
-            "boundary_f1": float(np.mean(f1_scores)), "masks": masks}
 
 
 # --- Save ---------------------------------------------------------------------------
@@ -314,7 +251,7 @@ def overlay(photo: Photo, predicted: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def save_predictions(photos: list[Photo], masks: list[np.ndarray], path: Path) -> None:
+def save_predictions(photos: list[Photo], masks: list[np.ndarray], path: Path, part: str = "test") -> None:
     images, titles = [], []
     for photo, predicted in zip(photos, masks, strict=True):
         union = (predicted | photo.full_mask).sum()
@@ -322,56 +259,70 @@ def save_predictions(photos: list[Photo], masks: list[np.ndarray], path: Path) -
         images.append(overlay(photo, predicted))
         titles.append(f"{photo.name} IoU {iou:.2f}")
     plot_image_grid(images, titles, path, columns=4, cell=2.6,
-                    title="test predictions: green hit, red false person, blue missed")
+                    title=f"{part} predictions: green hit, red false person, blue missed")
+
+
+def chapter_metrics(test, val, best, train_seconds: float, split: Split) -> dict:
+    """The figures of the run: test (with 95% intervals) unless --no-evaluate-test, then val."""
+    metrics = {}
+    if test is not None:
+        metrics = {"person_iou": test.iou, "pixel_accuracy": test.pixel_accuracy,
+                   "boundary_f1": test.boundary_f1, **test.intervals()}
+    return {**metrics, "val_person_iou": val.iou, "val_pixel_accuracy": val.pixel_accuracy,
+            "val_boundary_f1": val.boundary_f1, "best_epoch": best.epoch, "train_seconds": train_seconds,
+            "num_train": len(split.train), "num_val": len(split.val),
+            "num_test": len(split.test) if test is not None else 0}
+
+
+def save_plots(history, shown: list[Photo], masks: list[np.ndarray], part: str, output_dir: Path,
+               cfg: dict) -> None:
+    plot_curves(asdict(history), output_dir / "curves.png",
+                xlabel=f"validation pass (every {cfg['eval_every']} epochs)")
+    count = min(cfg["grid_images"], len(shown))
+    save_predictions(shown[:count], masks[:count], output_dir / "predictions.png", part)
 
 
 def main(argv=None) -> dict:
-    parser = ChapterParser(__doc__, CONFIG_PATH, CHAPTER)
-    cfg, args = parser.parse_config(argv)
+    cfg, args = ChapterParser(__doc__, CONFIG_PATH, CHAPTER).parse_config(argv)
     check_config(cfg)
-    import torch  # after parsing: --help and flag errors stay instant
-    from segmenters import count_parameters, save_checkpoint
+    import segmenters  # torch loads only now: --help and flag errors stay instant
+    import training
 
+    device = segmenters.start_torch(cfg["device"], cfg["num_threads"], cfg["seed"], cfg["deterministic"])
     seed_everything(cfg["seed"])
-    torch.manual_seed(cfg["seed"])
-    torch.set_num_threads(cfg["num_threads"])
-    output_dir = prepare_output_dir(args.output_dir, cfg, smoke=args.smoke)
-    if args.smoke:  # same loader, same code path, on photos drawn for the purpose
-        data_dir = output_dir / "smoke_data"
-        write_pennfudan(data_dir, count=cfg["smoke_images"], seed=cfg["seed"])
-        records = load_pennfudan(data_dir, fetch=False)
-    else:
-        records = load_pennfudan(args.data_dir)
-    photos = load_photos(records, cfg["image_size"])
-    train_set, val_set, test_set = split_photos(photos, cfg["num_val"], cfg["num_test"], cfg["seed"])
-    model, model_kwargs = make_model(cfg)
-    model = model.to(memory_format=torch.channels_last)  # ~1.7x faster convolutions on CPU
-    print(f"{cfg['model']} ({cfg['weights']}): {count_parameters(model) / 1e6:.2f}M parameters; "
-          f"{len(train_set)} train / {len(val_set)} val / {len(test_set)} test photos", flush=True)
+    output_dir = prepare_output_dir(args.output_dir, cfg, overwrite=args.overwrite, smoke=args.smoke)
+    records = read_records(args.data_dir, args.smoke, output_dir, cfg)
+    split = split_records(records, cfg["val_fraction"], cfg["test_fraction"], cfg["seed"])
+    write_split(output_dir, split.names())
+    train_set, val_set = load_photos(split.train, cfg["image_size"]), load_photos(split.val, cfg["image_size"])
+    # --no-evaluate-test: the test photos are never read, so no choice can lean on them
+    test_set = load_photos(split.test, cfg["image_size"]) if cfg["evaluate_test"] else None
+    model, model_kwargs = training.make_model(cfg, device)
+    fit = training.make_fit(model, cfg, len(train_set), device)
+    print(f"{cfg['model']} ({cfg['weights']}) on {device.type}{' (bf16 autocast)' if fit.mixed_precision else ''}: "
+          f"{segmenters.count_parameters(model) / 1e6:.2f}M parameters; {len(split.train)} train / "
+          f"{len(split.val)} val / {len(split.test)} test photos", flush=True)
 
     start = time.monotonic()
-    history, best = train(model, train_set, val_set, cfg, np.random.default_rng(cfg["seed"]))
+    rng = np.random.default_rng(cfg["seed"])
+    history, best = training.train(fit, len(train_set), view_maker(train_set, cfg, rng), val_set, cfg, rng)
     train_seconds = time.monotonic() - start
-    test = evaluate(model, test_set, cfg, keep_masks=True)
-    val = evaluate(model, val_set, cfg)
+    val = training.evaluate(model, val_set, cfg, device, keep_masks=test_set is None)
+    test = training.evaluate(model, test_set, cfg, device, keep_masks=True) if test_set is not None else None
 
-    save_checkpoint(output_dir / "model.pt", model, cfg["model"], num_classes=2, person_class=1,
-                    image_size=cfg["image_size"], model_kwargs=model_kwargs, config=cfg,
-                    best_epoch=best["epoch"])
-    metrics = {"person_iou": test["iou"], "pixel_accuracy": test["pixel_accuracy"],
-               "boundary_f1": test["boundary_f1"], "val_person_iou": val["iou"],
-               "val_pixel_accuracy": val["pixel_accuracy"], "val_boundary_f1": val["boundary_f1"],
-               "best_epoch": best["epoch"], "train_seconds": train_seconds,
-               "parameters": count_parameters(model), "num_train": len(train_set),
-               "num_val": len(val_set), "num_test": len(test_set)}
+    segmenters.save_checkpoint(output_dir / "model.pt", model, cfg["model"], num_classes=2, person_class=1,
+                               image_size=cfg["image_size"], model_kwargs=model_kwargs, config=cfg,
+                               best_epoch=best.epoch)
+    metrics = {**chapter_metrics(test, val, best, train_seconds, split),
+               "parameters": segmenters.count_parameters(model), "mixed_precision": fit.mixed_precision,
+               **run_facts(("torch", "torchvision"), device=device.type,
+                           device_name=segmenters.device_name(device))}
     write_json(output_dir / "metrics.json", metrics)
-    plot_curves(history, output_dir / "curves.png",
-                xlabel=f"validation pass (every {cfg['val_every']} epochs)")
-    count = min(cfg["grid_images"], len(test_set))
-    save_predictions(test_set[:count], test["masks"][:count], output_dir / "predictions.png")
-    print(f"test person IoU {test['iou']:.4f}  pixel accuracy {test['pixel_accuracy']:.4f}  "
-          f"boundary F1 {test['boundary_f1']:.4f}  (val IoU {val['iou']:.4f}, best epoch "
-          f"{best['epoch']}, {train_seconds:.0f} s) -> {output_dir}")
+    shown, scores, part = (test_set, test, "test") if test is not None else (val_set, val, "val")
+    save_plots(history, shown, scores.masks, part, output_dir, cfg)
+    print(f"{part} person IoU {scores.iou:.4f}  pixel accuracy {scores.pixel_accuracy:.4f}  "
+          f"boundary F1 {scores.boundary_f1:.4f}  (val IoU {val.iou:.4f}, best epoch "
+          f"{best.epoch}, {train_seconds:.0f} s) -> {output_dir}")
     return metrics
 
 

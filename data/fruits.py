@@ -81,23 +81,24 @@ def _natural(path: Path) -> tuple[str, int]:
     return (stem, int(number)) if number.isdigit() else (path.stem, -1)
 
 
-def load_fruits(data_dir: str | os.PathLike | None = None,
-                fetch: bool = True) -> tuple[list[FruitRecord], list[FruitRecord]]:
-    """(train, test) records from <data_dir>/fruits, downloading the set first if `fetch`."""
+def load_fruits(data_dir: str | os.PathLike | None = None, fetch: bool = True,
+                test: bool = True) -> tuple[list[FruitRecord], list[FruitRecord]]:
+    """(train, test) records from <data_dir>/fruits, downloading the set first if `fetch`.
+    With `test=False` the test folder is never opened (a tuning run) and test is []."""
     root = download.ensure("fruits", data_dir) if fetch else Path(data_dir) / "fruits"
-    return load_split(root, "train"), load_split(root, "test")
+    return load_split(root, "train"), (load_split(root, "test") if test else [])
 
 
 def load_fruits_or_smoke(data_dir: str | os.PathLike | None, smoke: bool, output_dir: Path,
-                         seed: int) -> tuple[list[FruitRecord], list[FruitRecord]]:
+                         seed: int, test: bool = True) -> tuple[list[FruitRecord], list[FruitRecord]]:
     """(train, test) records: the real set, or with `smoke` a tiny synthetic one written
     under `output_dir` in the real layout (8 train / 3 test pictures per class) and read
-    back through the same loader."""
+    back through the same loader. `test=False`: see `load_fruits`."""
     if smoke:
         smoke_dir = Path(output_dir) / "smoke-data"
         synthetic.write_fruits(smoke_dir, train_per_class=8, test_per_class=3, seed=seed)
-        return load_fruits(smoke_dir, fetch=False)
-    return load_fruits(data_dir)
+        return load_fruits(smoke_dir, fetch=False, test=test)
+    return load_fruits(data_dir, test=test)
 
 
 def decode_images(records: list[FruitRecord], image_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -69,7 +69,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
     """Write <output_dir>/metrics.json and print it as one `key value` line, then where it went."""
     path = write_json(Path(output_dir) / "metrics.json", metrics)
-    print("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    def shown(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        if isinstance(value, list | tuple) and value and all(isinstance(v, float) for v in value):
+            return "[" + ", ".join(f"{v:.3f}" for v in value) + "]"  # an interval
+        return str(value)
+
+    print("  ".join(f"{k} {shown(v)}" for k, v in metrics.items()))
     print(f"outputs in {output_dir}")
     return path
 

@@ -1,11 +1,14 @@
-"""03b_xml_detection: FCOS on the fruit set's VOC XML boxes (train.py, detect.py, model.py).
+"""03b_xml_detection: FCOS on the fruit set's VOC XML boxes (train.py, detect.py, analyse.py).
 
 Every run is a subprocess (tests.helpers); the test process never imports torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import shutil
 
 import pytest
 
@@ -15,40 +18,98 @@ TRAIN = "03b_xml_detection/train.py"
 DETECT = "03b_xml_detection/detect.py"
 ANALYSE = "03b_xml_detection/analyse.py"
 CLASSES = ("apple", "banana", "orange")
+# Keys that say when and how long, not what was measured.
+RUN_KEYS = ("date", "train_seconds", "wall_seconds", "_wall_seconds")
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("smoke") / "run"
-    metrics = run_chapter(TRAIN, output_dir, "--smoke")
+    metrics = run_chapter(TRAIN, output_dir, "--smoke", "--device", "cpu", timeout=600)
     return output_dir, metrics
 
 
-def test_smoke_writes_metrics_plots_and_checkpoints(smoke_run):
+def files_digest(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_smoke_writes_metrics_intervals_split_and_facts(smoke_run):
     output_dir, metrics = smoke_run
     for key in ("map50", "map", "map75", "val_map50", "train_seconds", "wall_seconds", "epochs"):
         assert key in metrics, key
+    for key in ("map50", "map", *(f"ap50_{name}" for name in CLASSES)):
+        low, high = metrics[f"{key}_ci95"]
+        assert 0.0 <= low <= high <= 1.0, key
     for name in CLASSES:
         assert f"ap50_{name}" in metrics and f"ap_{name}" in metrics
     assert 0.0 <= metrics["map"] <= metrics["map50"] <= 1.0
     assert metrics["epochs"] == 2
-    assert metrics["_wall_seconds"] < 120  # about 10 s alone on 2 cores; slack for a busy CPU
-    for name in ("config.json", "loss_curves.png", "val_map.png", "test_predictions.png",
+    assert metrics["device"] == "cpu" and metrics["mixed_precision"] == "none"
+    assert metrics["torch_version"] and metrics["torchvision_version"] and metrics["date"]
+    for name in ("config.json", "split.json", "loss_curves.png", "val_map.png", "test_predictions.png",
                  "checkpoint.pt", "model.pt"):
         assert (output_dir / name).is_file(), name
-    assert json.loads((output_dir / "config.json").read_text())["weights"] == "none"
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["weights"] == "none" and config["val_fraction"] == 0.2
+    split = json.loads((output_dir / "split.json").read_text())
+    assert [len(split[part]) for part in ("train", "val", "test")] == [
+        metrics["num_train"], metrics["num_val"], metrics["num_test"]]
+    assert not set(split["train"]) & set(split["val"])
+
+
+def test_smoke_run_learns(smoke_run):
+    # Two epochs on 24 synthetic pictures: the training loss falls well below its start
+    # (about 2.6 -> 1.8 at seed 0); a bar loose enough for any seed.
+    _, metrics = smoke_run
+    assert metrics["loss_last_epoch"] < 0.9 * metrics["loss_first_epoch"]
+
+
+def test_same_seed_same_figures_and_overwrite_removes_stale_files(smoke_run, tmp_path):
+    output_dir, first = smoke_run
+    again = tmp_path / "again"
+    shutil.copytree(output_dir, again)
+    (again / "stale.png").write_bytes(b"an earlier run's plot")
+    metrics = run_chapter(TRAIN, again, "--smoke", "--overwrite", timeout=600)
+    assert not (again / "stale.png").exists()
+    assert {k: v for k, v in metrics.items() if k not in RUN_KEYS} == {
+        k: v for k, v in first.items() if k not in RUN_KEYS}
+
+
+def test_a_second_run_into_the_same_folder_is_refused(smoke_run):
+    output_dir, _ = smoke_run
+    before = files_digest(output_dir)
+    result = run_script(TRAIN, "--weights", "none", "--output-dir", output_dir, check=False)
+    assert_one_line_error(result, "already holds a finished run", "--overwrite", "--output-dir")
+    assert files_digest(output_dir) == before
 
 
 def test_resume_continues_from_the_checkpoint(smoke_run, tmp_path):
     output_dir, first = smoke_run
-    result = run_script(TRAIN, "--smoke", "--output-dir", output_dir, "--resume", "--epochs", "3")
+    run_dir = tmp_path / "run"
+    shutil.copytree(output_dir, run_dir)
+    result = run_script(TRAIN, "--smoke", "--output-dir", run_dir, "--resume", "--epochs", "3", timeout=600)
     assert "resumed from" in result.stdout
     assert "epoch   3" in result.stdout and "epoch   1 " not in result.stdout
-    metrics = json.loads((output_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == 3
     # the time budget counts both sessions, not just the resumed one
     assert metrics["wall_seconds"] > first["wall_seconds"]
     assert metrics["train_seconds"] > first["train_seconds"]
+
+
+def test_resume_with_another_config_or_split_is_refused(smoke_run, tmp_path):
+    output_dir, _ = smoke_run
+    result = run_script(TRAIN, "--smoke", "--output-dir", output_dir, "--resume",
+                        "--learning-rate", "0.01", check=False)
+    assert_one_line_error(result, "--resume", "learning_rate")
+    run_dir = tmp_path / "run"
+    shutil.copytree(output_dir, run_dir)
+    split = json.loads((run_dir / "split.json").read_text())
+    split["train"][0], split["val"][0] = split["val"][0], split["train"][0]
+    (run_dir / "split.json").write_text(json.dumps(split))
+    result = run_script(TRAIN, "--smoke", "--output-dir", run_dir, "--resume", check=False)
+    assert_one_line_error(result, "--resume", "split differs")
 
 
 def test_weights_path_fine_tunes_from_a_saved_checkpoint(smoke_run, tmp_path):
@@ -59,25 +120,39 @@ def test_weights_path_fine_tunes_from_a_saved_checkpoint(smoke_run, tmp_path):
     assert json.loads((tmp_path / "again" / "config.json").read_text())["weights"].endswith("model.pt")
 
 
-def test_tuning_run_never_scores_the_test_photos(tmp_path):
-    # --no-evaluate-test: validation numbers only, for comparing settings (house rule).
+def test_tuning_run_never_reads_the_test_photos(tmp_path):
+    # The real set's layout, every test file unreadable: a --no-evaluate-test run must not
+    # open them (not even the XML), and leaves no test figure or stale test grid behind.
+    from data.synthetic import write_fruits
+
+    root = write_fruits(tmp_path / "data", train_per_class=60, test_per_class=15, image_size=(48, 40))
+    for path in (root / "test_zip" / "test").iterdir():
+        path.write_bytes(b"not readable")
     (tmp_path / "tune").mkdir()
     (tmp_path / "tune" / "test_predictions.png").write_bytes(b"from an earlier run")
-    metrics = run_chapter(TRAIN, tmp_path / "tune", "--smoke", "--epochs", "1", "--no-evaluate-test")
+    metrics = run_chapter(TRAIN, tmp_path / "tune", "--data-dir", tmp_path / "data", "--weights", "none",
+                          "--image-size", "64", "--fpn-channels", "64", "--head-convs", "1",
+                          "--epochs", "1", "--batch-size", "16", "--no-evaluate-test", timeout=600)
     assert "val_map50" in metrics and "wall_seconds" in metrics
     assert not any(key.startswith(("map", "ap50_", "ap_")) for key in metrics)
+    assert json.loads((tmp_path / "tune" / "split.json").read_text())["test"] == []
     assert (tmp_path / "tune" / "val_map.png").is_file()
     assert not (tmp_path / "tune" / "test_predictions.png").exists()
 
 
-def test_analyse_tallies_every_box_of_the_smoke_test_set(smoke_run, tmp_path):
-    output_dir, _ = smoke_run
-    metrics = run_chapter(ANALYSE, tmp_path / "analysis", "--model-path", output_dir / "model.pt",
-                          "--data-dir", output_dir / "smoke-data", "--score-threshold", "0.05")
-    assert metrics["num_true_boxes"] > 0
-    assert metrics["found"] + metrics["wrong_class_only"] + metrics["missed"] == metrics["num_true_boxes"]
-    assert metrics["true"] <= metrics["found"]
-    assert 0.0 <= metrics["map"] <= metrics["map50"] <= 1.0 and 0.0 <= metrics["fruit_map50"] <= 1.0
+def test_analyse_uses_validation_photos_unless_told_test(smoke_run, tmp_path):
+    output_dir, first = smoke_run
+    split = json.loads((output_dir / "split.json").read_text())
+    for flags, part in (([], "val"), (["--split", "test"], "test")):
+        metrics = run_chapter(ANALYSE, tmp_path / part, "--model-path", output_dir / "model.pt",
+                              "--data-dir", output_dir / "smoke-data", "--score-threshold", "0.05",
+                              "--device", "cpu", *flags)
+        assert metrics["split"] == part and metrics["num_photos"] == len(split[part])
+        assert metrics["num_true_boxes"] > 0
+        assert metrics["found"] + metrics["wrong_class_only"] + metrics["missed"] == metrics["num_true_boxes"]
+        assert metrics["true"] <= metrics["found"]
+        assert 0.0 <= metrics["map"] <= metrics["map50"] <= 1.0 and 0.0 <= metrics["fruit_map50"] <= 1.0
+    assert metrics["map50"] == pytest.approx(first["map50"])  # the same test photos train.py scored
 
 
 def test_detect_prints_one_line_per_box(smoke_run, tmp_path):
@@ -110,6 +185,13 @@ def test_detect_names_an_unreadable_image(smoke_run, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    env = script_env(CUDA_VISIBLE_DEVICES="")  # no GPU, even on a machine that has one
+    result = run_script(TRAIN, "--smoke", "--device", "cuda", "--output-dir", tmp_path / "run",
+                        env=env, check=False)
+    assert_one_line_error(result, "--device cuda", "--device cpu")
+
+
 def test_coco_weights_offline_fail_fast_naming_weights_none(tmp_path):
     # A closed local proxy makes "offline" certain, even on a machine with internet.
     env = script_env(TORCH_HOME=str(tmp_path / "torch"), HTTPS_PROXY="http://127.0.0.1:9",
@@ -134,7 +216,9 @@ def test_bad_flag_is_one_line_exit_2():
 @pytest.mark.parametrize("flags, words", [
     (["--zoom-out-prob", "2"], "--zoom-out-prob must be in [0, 1]"),
     (["--grid-images", "-1"], "--grid-images must be at least 1"),
-    (["--batch-size", "64"], "more than the 20 training photos"),  # found after loading the data
+    (["--device", "gpu"], "--device must be auto, cpu or cuda"),
+    (["--num-workers", "-1"], "--num-workers must be at least 0"),
+    (["--batch-size", "64"], "more than the 24 training photos"),  # found after loading the data
 ])
 def test_bad_values_are_one_line_before_training(tmp_path, flags, words):
     result = run_script(TRAIN, "--smoke", "--output-dir", tmp_path / "run", *flags, check=False)
@@ -163,11 +247,117 @@ def test_corrupt_xml_names_the_file(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+# --- Known answers for the arithmetic ------------------------------------------------
+
+KNOWN_ANSWERS = r'''
+import json, sys, tempfile
+from pathlib import Path
+import numpy as np, torch
+from PIL import Image
+sys.path[:0] = [".", "03b_xml_detection"]  # run from the repo root
+import engine, model
+from augment import FruitBoxes, MosaicPlan
+from data.fruits import FruitRecord
+
+out = {}
+# Mosaic: four solid-colour 100 px photos, one box each, split at (40, 60).
+colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)]
+images = torch.stack([torch.tensor(c, dtype=torch.uint8)[:, None, None].expand(3, 100, 100) for c in colours])
+boxes = [torch.tensor([b], dtype=torch.float32) for b in
+         ([5, 10, 25, 40], [30, 30, 50, 60], [20, 20, 60, 60], [50, 50, 100, 100])]
+labels = [torch.tensor([k]) for k in (0, 1, 2, 0)]
+cfg = {"image_size": 100, "color_jitter": 0.0, "zoom_out_prob": 0.0, "crop_scale_min": 1.0}
+data = FruitBoxes(model.Photos(images, boxes, labels), cfg, train=True)
+plan = MosaicPlan((40, 60), [0, 1, 2, 3],
+                  [(0, 0, 60, 40), (20, 20, 60, 60), (0, 0, 80, 80), (0, 0, 100, 100)])
+canvas, mosaic_boxes, mosaic_labels = data.compose(plan)
+out["mosaic_boxes"] = mosaic_boxes.tolist()
+out["mosaic_labels"] = mosaic_labels.tolist()
+out["mosaic_pixels"] = [canvas[:, y, x].tolist() for x, y in ((20, 30), (70, 30), (20, 80), (70, 80))]
+
+# preload: a 200 x 100 photo (red left half, blue right half) squashed to 50 x 50.
+folder = Path(tempfile.mkdtemp())
+pixels = np.zeros((100, 200, 3), np.uint8)
+pixels[:, :100, 0] = 255
+pixels[:, 100:, 2] = 255
+Image.fromarray(pixels).save(folder / "apple_1.jpg", format="PNG")
+record = FruitRecord(folder / "apple_1.jpg", folder / "apple_1.xml", "apple", 200, 100,
+                     np.array([[20, 10, 120, 60]], np.float32), ["banana"])
+photos = model.preload([record], 50, "test")
+out["preload_shape"] = list(photos.images.shape)
+out["preload_boxes"] = photos.boxes[0].tolist()
+out["preload_labels"] = photos.labels[0].tolist()
+out["preload_pixels"] = [photos.images[0, :, 25, 10].tolist(), photos.images[0, :, 25, 40].tolist()]
+
+# The schedule as the optimizer sees it: 10 epochs of 10 steps, 1 warm-up epoch.
+net = torch.nn.Linear(2, 2)
+opt_cfg = {"weight_decay": 0.05, "learning_rate": 0.002, "epochs": 10, "warmup_epochs": 1}
+optimizer, scheduler = engine.make_optimizer(net, opt_cfg, steps_per_epoch=10)
+lrs = {}
+for step in range(101):
+    lrs[step] = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+out["lr"] = {str(step): lrs[step] for step in (0, 9, 10, 55, 100)}
+out["ema"] = [engine.ema_decay_at(0, 0.996), engine.ema_decay_at(200, 0.996),
+              engine.ema_decay_at(10**6, 0.996), engine.ema_decay_at(500, 0.0)]
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def known_answers(tmp_path_factory):
+    script = tmp_path_factory.mktemp("known") / "known_answers.py"
+    script.write_text(KNOWN_ANSWERS)
+    return json.loads(run_script(str(script)).stdout.strip().splitlines()[-1])
+
+
+def test_mosaic_puts_each_photo_and_its_box_in_its_quadrant(known_answers):
+    # Split at (40, 60): TL 40x60, TR 60x60, BL 40x40, BR 60x40. Crops: TL 40x60 at (0,0),
+    # unscaled; TR 60x60 at (20,20), unscaled, shifted by -20; BL 80x80 halved; BR 100x100
+    # scaled by 0.6 across and 0.4 down. Then each moves by its quadrant's corner.
+    expected = [[5, 10, 25, 40],                      # TL: as it was
+                [40 + 10, 0 + 10, 40 + 30, 0 + 40],   # TR: (30,30,50,60) - 20, then + (40, 0)
+                [0 + 10, 60 + 10, 0 + 30, 60 + 30],   # BL: (20,20,60,60) / 2, then + (0, 60)
+                [40 + 30, 60 + 20, 40 + 60, 60 + 40]]  # BR: (50*.6, 50*.4, 100*.6, 100*.4) + (40, 60)
+    assert len(known_answers["mosaic_boxes"]) == 4
+    for got, want in zip(known_answers["mosaic_boxes"], expected, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+    assert known_answers["mosaic_labels"] == [0, 1, 2, 0]
+    assert known_answers["mosaic_pixels"] == [[200, 0, 0], [0, 200, 0], [0, 0, 200], [200, 200, 0]]
+
+
+def test_preload_scales_boxes_of_a_non_square_photo_per_axis(known_answers):
+    # 200 x 100 -> 50 x 50: x scaled by 1/4, y by 1/2.
+    assert known_answers["preload_shape"] == [1, 3, 50, 50]
+    assert known_answers["preload_boxes"] == [pytest.approx([5, 5, 30, 30])]
+    assert known_answers["preload_labels"] == [1]  # banana
+    assert known_answers["preload_pixels"] == [[255, 0, 0], [0, 0, 255]]  # left half red, right blue
+
+
+def test_warmup_then_cosine_schedule(known_answers):
+    # 100 steps, 10 of warm-up, peak 0.002: 1/10 of the peak at step 0, the peak at the end
+    # of the warm-up, half-way down the cosine at step 55 (0.01 + 0.99 / 2), 1% at the end.
+    lr = known_answers["lr"]
+    assert lr["0"] == pytest.approx(0.0002)
+    assert lr["9"] == pytest.approx(0.002) and lr["10"] == pytest.approx(0.002)
+    assert lr["55"] == pytest.approx(0.002 * 0.505)
+    assert lr["100"] == pytest.approx(0.002 * 0.01)
+
+
+def test_ema_decay_ramps_up_to_its_target(known_answers):
+    at_0, at_200, at_end, no_decay = known_answers["ema"]
+    assert at_0 == 0.0  # the first updates copy the weights
+    assert at_200 == pytest.approx(0.996 * (1 - math.exp(-1)))
+    assert at_end == pytest.approx(0.996)
+    assert no_decay == 0.0
+
+
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_real_data_training_learns(shared_datasets, tmp_path):
     # A short from-scratch run on the real photos: small images, a small model, a few
-    # epochs. It only shows that the pipeline learns; the chapter's figure needs ~55 min.
+    # epochs. It only shows that the pipeline learns; the chapter's figure needs ~45 min.
     env = script_env(DLSTUDY_MIRROR=str(shared_datasets))
     metrics = run_chapter(
         TRAIN, tmp_path / "run", "--data-dir", str(tmp_path / "data"), "--weights", "none",

@@ -1,0 +1,211 @@
+"""How train.py fits and measures the segmenter: loss, schedule, epochs, validation, best state.
+
+One job per function: `make_schedule` (AdamW, linear warm-up, cosine decay), `train_step`
+(one batch), `run_epoch` (one pass over the shuffled training photos), `evaluate` (pooled
+scores of a set of photos), and `train`, which strings them together and keeps the state
+of the epoch with the best validation IoU. train.py imports this module after parsing its
+flags, so `--help` never waits for torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scoring import Scores, score_photo  # the chapter's own modules sit beside this one
+from segmenters import build_model, prepare_model, probability_at_size, to_device, to_tensor
+from torch import nn
+from tqdm import tqdm
+
+from data.cli import UserError
+
+# (indices of training photos) -> (images (N, h, w, 3) uint8, masks (N, h, w) uint8): augmented views
+MakeViews = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+# --- Model --------------------------------------------------------------------------------
+
+
+def make_model(cfg: dict, device: torch.device) -> tuple[nn.Module, dict]:
+    """The model to train, on `device`; returns (model, the kwargs that rebuild it)."""
+    model_kwargs = {"width": cfg["width"]} if cfg["model"] == "unet" else {}
+    model = build_model(cfg["model"], num_classes=2, pretrained=cfg["weights"] == "coco", **model_kwargs)
+    return prepare_model(model, device), model_kwargs
+
+
+def uses_bf16(cfg: dict, device: torch.device) -> bool:
+    """bf16 autocast where it is safe and pays: a CUDA GPU that supports bf16."""
+    return cfg["mixed_precision"] and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+# --- Loss and schedule ------------------------------------------------------------------
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float) -> torch.Tensor:
+    """Cross-entropy per pixel, plus Dice (1 - soft overlap): Dice optimizes what IoU measures."""
+    loss = F.cross_entropy(logits, target)
+    if dice_weight:
+        person = logits.softmax(1)[:, 1]
+        truth = target.float()
+        dice = 1 - (2 * (person * truth).sum() + 1) / (person.sum() + truth.sum() + 1)
+        loss = loss + dice_weight * dice
+    return loss
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning-rate factor at `step`: a linear ramp to 1 over the warm-up, under a cosine
+    that falls from 1 at step 0 to 0 at `total_steps` (the smaller of the two)."""
+    ramp = (step + 1) / max(warmup_steps, 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
+    return min(ramp, cosine)
+
+
+def make_schedule(model: nn.Module, cfg: dict, steps_per_epoch: int):
+    """AdamW at the peak rate, scaled each step by `warmup_cosine`."""
+    total, warmup = cfg["epochs"] * steps_per_epoch, cfg["warmup_epochs"] * steps_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"],
+                                  weight_decay=cfg["weight_decay"])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+    return optimizer, schedule
+
+
+# --- Records ------------------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    """Training loss and IoU summed over the batches since the last validation pass."""
+
+    loss: float = 0.0
+    batches: int = 0
+    intersection: int = 0
+    union: int = 0
+
+    def add(self, loss: float, predicted: torch.Tensor, target: torch.Tensor) -> None:
+        self.loss += loss
+        self.batches += 1
+        self.intersection += (predicted & target).sum().item()
+        self.union += (predicted | target).sum().item()
+
+
+@dataclass
+class History:
+    """One entry per validation pass: what curves.png draws."""
+
+    loss: list[float] = field(default_factory=list)
+    iou: list[float] = field(default_factory=list)
+    val_iou: list[float] = field(default_factory=list)
+    val_boundary_f1: list[float] = field(default_factory=list)
+
+    def add(self, running: Running, val: Scores) -> None:
+        self.loss.append(running.loss / max(running.batches, 1))
+        self.iou.append(running.intersection / max(running.union, 1))
+        self.val_iou.append(val.iou)
+        self.val_boundary_f1.append(val.boundary_f1)
+
+
+@dataclass
+class Best:
+    """The epoch with the highest validation IoU so far, and a copy of its weights."""
+
+    val_iou: float = -1.0
+    epoch: int = 0
+    state: dict | None = None
+
+    def offer(self, val_iou: float, epoch: int, model: nn.Module) -> None:
+        if val_iou > self.val_iou:
+            self.val_iou, self.epoch = val_iou, epoch
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class Fit:
+    """What every training step needs: the model, its optimizer and schedule, where it runs."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    mixed_precision: bool  # bf16 autocast (CUDA only)
+    dice_weight: float
+
+
+def make_fit(model: nn.Module, cfg: dict, num_photos: int, device: torch.device) -> Fit:
+    steps_per_epoch = math.ceil(num_photos / cfg["batch_size"])
+    optimizer, schedule = make_schedule(model, cfg, steps_per_epoch)
+    return Fit(model, optimizer, schedule, device, uses_bf16(cfg, device), cfg["dice_weight"])
+
+
+# --- Train --------------------------------------------------------------------------------
+
+
+def train_step(fit: Fit, images: np.ndarray, masks: np.ndarray, epoch: int):
+    """One optimizer step on one batch; returns (loss, logits, target) for the running scores."""
+    x, target = to_tensor(images, fit.device), to_device(masks, fit.device).long()
+    # bf16 keeps float32's range, so no loss scaling is needed; BatchNorm and the loss run in float32
+    with torch.autocast(device_type=fit.device.type, dtype=torch.bfloat16, enabled=fit.mixed_precision):
+        logits = fit.model(x)
+    loss = segmentation_loss(logits.float(), target, fit.dice_weight)
+    if not torch.isfinite(loss):
+        raise UserError(f"the loss became {loss.item()} at epoch {epoch}; try a lower --learning-rate")
+    fit.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    fit.optimizer.step()
+    fit.schedule.step()
+    return loss, logits, target
+
+
+def run_epoch(fit: Fit, num_photos: int, make_views: MakeViews, batch_size: int, rng,
+              running: Running, epoch: int) -> None:
+    """One pass over the training photos in a fresh random order."""
+    fit.model.train()
+    order = rng.permutation(num_photos)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        # torch 2.14.1's channels-last conv backward on CPU segfaults on odd batch sizes
+        # (measured): drop the odd photo of a short last batch (it is seen next epoch).
+        batch = batch[:len(batch) // 2 * 2]
+        if not len(batch):
+            continue
+        loss, logits, target = train_step(fit, *make_views(batch), epoch)
+        running.add(loss.item(), logits.argmax(1).bool(), target.bool())
+
+
+def train(fit: Fit, num_photos: int, make_views: MakeViews, val_set: list, cfg: dict, rng):
+    """`cfg["epochs"]` epochs; validates every `eval_every` epochs (and after the last), keeps
+    the best state and loads it into the model at the end. Returns (History, Best)."""
+    history, best, running = History(), Best(), Running()
+    progress = tqdm(range(1, cfg["epochs"] + 1), desc="train", leave=False)
+    for epoch in progress:
+        run_epoch(fit, num_photos, make_views, cfg["batch_size"], rng, running, epoch)
+        if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]:
+            val = evaluate(fit.model, val_set, cfg, fit.device)
+            history.add(running, val)
+            running = Running()
+            best.offer(val.iou, epoch, fit.model)
+            progress.set_postfix(loss=f"{history.loss[-1]:.3f}", val_iou=f"{val.iou:.3f}")
+            print(f"epoch {epoch:4d}  loss {history.loss[-1]:.4f}  train IoU {history.iou[-1]:.3f}"
+                  f"  val IoU {val.iou:.3f}  val BF1 {val.boundary_f1:.3f}", flush=True)
+    fit.model.load_state_dict(best.state)
+    return history, best
+
+
+# --- Evaluate -----------------------------------------------------------------------------
+
+
+def evaluate(model: nn.Module, photos: list, cfg: dict, device: torch.device,
+             keep_masks: bool = False) -> Scores:
+    """Each photo predicted at the working size, scored at its full size (see scoring.py)."""
+    model.eval()
+    scores = Scores()
+    for photo in photos:
+        probability = probability_at_size(model, photo.image, photo.full_mask.shape, person_class=1,
+                                          flip=cfg["flip_tta"], device=device)
+        predicted = probability > 0.5
+        scores.photos.append(score_photo(predicted, photo.full_mask, cfg["boundary_tolerance"]))
+        if keep_masks:
+            scores.masks.append(predicted)
+    return scores
