@@ -41,6 +41,12 @@ What to expect (measured on 2 CPU cores, seed 0, nothing else training)
     python 03b_xml_detection/train.py --smoke            # under a minute (2 epochs, 24 pictures)
     Repeatable: on the CPU, the same seed and thread count give the same metrics bit for
     bit (torch.use_deterministic_algorithms). A GPU run is seeded, not bit-for-bit.
+On a GPU (one NVIDIA H200, bf16 autocast, torch 2.11), same default config:
+    python 03b_xml_detection/train.py --weights none --device cuda --num-workers 10 \
+        --num-threads 6 --time-limit-minutes 5 --output-dir runs/03b_xml_detection-gpu
+    -> all 80 epochs in 171 s of training; test mAP@0.5 0.834 (95% interval 0.778-0.899,
+       a bootstrap over the 60 test photos), mAP@[.5:.95] 0.508 (0.464-0.580); the CPU
+       run's 0.781 lies inside that interval.
 """
 from __future__ import annotations
 

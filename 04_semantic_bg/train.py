@@ -39,6 +39,11 @@ What to expect (measured on 2 shared CPU cores, seed 0):
        val IoU 0.804 (best epoch 180 of 200); 2.1M parameters; train_seconds 2061
        (34 min; this run shared the CPU for its first 10 min; measured before the
        intervals were added).
+    On a GPU (one NVIDIA H200, bf16 autocast, torch 2.11), same default config:
+    python 04_semantic_bg/train.py --weights none --device cuda --num-threads 6 --output-dir runs/04_semantic_bg-gpu
+    -> test person IoU 0.767 (95% interval 0.698-0.826, a bootstrap over the 30 test
+       photos), pixel accuracy 0.948, boundary F1 0.732; val IoU 0.800 (epoch 190);
+       188 s of training. The CPU run's 0.779 lies inside that interval.
 """
 
 from __future__ import annotations
