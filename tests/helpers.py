@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -53,9 +54,18 @@ def run_chapter(script: str, output_dir: Path, *args: str, timeout: float = 300,
     return metrics
 
 
+# TensorFlow's C++ runtime writes these to stderr on import, whatever TF_CPP_MIN_LOG_LEVEL
+# says: the absl notice, and glog-style lines such as "I0000 00:00:... cpu_feature_guard.cc".
+_TF_LOG_LINE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} \d\d:)")
+
+
+def _is_tf_log_line(line: str) -> bool:
+    return bool(_TF_LOG_LINE.match(line))
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *words: str, code: int = 2) -> None:
     """A user mistake: exit `code`, no traceback, one stderr line that names the problem."""
     assert result.returncode == code, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not _is_tf_log_line(line)]
     assert len(lines) == 1 and all(word in lines[0] for word in words), result.stderr
