@@ -31,7 +31,7 @@ import numpy as np
 
 from data.cli import REPO_ROOT, UserError, run_main
 from data.images import read_rgb, resize_rgb
-from data.outputs import atomic_path, draw_boxes
+from data.outputs import atomic_path, draw_boxes, print_detections
 
 # --- Config ------------------------------------------------------------------------
 
@@ -141,12 +141,7 @@ def main(argv=None) -> list[str]:
         target = args.output_dir / f"{path.stem}_detections.png"
         with atomic_path(target) as tmp:
             Image.fromarray(drawn).save(tmp, format="PNG")
-        for box, label, score in zip(boxes, labels, scores, strict=True):
-            x0, y0, x1, y1 = (round(float(v)) for v in box)
-            lines.append(f"{path}  {class_names[int(label)]}  {score:.3f}  {x0} {y0} {x1} {y1}")
-            print(lines[-1])
-        if not len(boxes):
-            print(f"{path}  nothing found (score >= {args.score_threshold})")
+        lines += print_detections(path, boxes, labels, scores, class_names, args.score_threshold)
         print(f"drew {len(boxes)} boxes on {target}", file=sys.stderr)
     return lines
 

@@ -31,6 +31,7 @@ import keras
 import keras_hub
 import tensorflow as tf
 
+from data import outputs
 from data.cli import UserError
 
 BOX_FORMAT = "xyxy"      # pixels of the model input, as data.detection_eval wants them
@@ -205,3 +206,32 @@ def export_saved_model(detector, arch: dict, path: str | os.PathLike, label_map:
         tf.io.gfile.rmtree(str(path))
     tmp.rename(path)
     return path
+
+
+# --- Device ------------------------------------------------------------------------------
+
+
+def use_device(device: str, num_threads: int) -> tuple[str, str]:
+    """Pick where TensorFlow runs, before it runs anything; returns (device, its name).
+
+    "auto": the GPU when TensorFlow sees one, else the CPU; "cpu": GPUs hidden; "cuda": the
+    GPU, or one line saying there is none. num_threads 0 keeps TensorFlow's default (all cores).
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    gpus = tf.config.list_physical_devices("GPU")
+    if device == "cuda" and not gpus:
+        raise UserError("--device cuda: TensorFlow sees no GPU here (it needs the CUDA build "
+                        "of TensorFlow and an NVIDIA driver); use --device cpu or auto")
+    if num_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(num_threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)  # one op at a time: steadier steps
+    if device == "cpu" or not gpus:
+        tf.config.set_visible_devices([], "GPU")
+        name = outputs.run_facts()["cpu"]
+        print(f"TensorFlow runs on the CPU ({name}, {num_threads or os.cpu_count()} threads)")
+        return "cpu", name
+    name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
+    print(f"TensorFlow runs on the GPU ({name})")
+    return "cuda", name
+

@@ -61,8 +61,11 @@ CONFIG_PATH = Path(__file__).with_name("config.toml")
 
 
 def check_config(cfg: dict) -> None:
-    for key in ("epochs", "eval_every", "grid_images", "num_threads", "head_convs"):
+    for key in ("epochs", "eval_every", "grid_images", "head_convs"):
         cli.require_at_least(cfg, key, 1)
+    cli.require_at_least(cfg, "num_threads", 0, "0 means all cores")
+    require(cfg["device"] in ("auto", "cpu", "cuda"),
+            f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
     cli.require_at_least(cfg, "batch_size", 2, "BatchNorm")
     cli.require_at_least(cfg, "warmup_epochs", 0)
     cli.require_at_least(cfg, "weight_decay", 0)
@@ -392,8 +395,7 @@ def main(argv=None) -> dict:
     import records
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(cfg["num_threads"])
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    device, device_name = detector_lib.use_device(cfg["device"], cfg["num_threads"])
     seed_everything(cfg["seed"])
     keras.utils.set_random_seed(cfg["seed"])
     tf.config.experimental.enable_op_determinism()
@@ -426,7 +428,8 @@ def main(argv=None) -> dict:
                    wall_seconds=state["wall_seconds"] + time.monotonic() - train_end,
                    epochs=state["epoch"], weights=cfg["weights"], image_size=arch["image_size"],
                    num_train=len(train_split.images), num_val=len(val.images),
-                   **outputs.run_facts(frameworks=("tensorflow", "keras", "keras-hub"), device="cpu"))
+                   **outputs.run_facts(frameworks=("tensorflow", "keras", "keras-hub"), device=device,
+                                     device_name=device_name))
     outputs.write_metrics(output_dir, metrics)
     return metrics
 

@@ -21,7 +21,7 @@ from shared_flags import check_common, inference_parser
 
 from data.cli import UserError, run_main
 from data.images import read_rgb, resize_rgb
-from data.outputs import atomic_path
+from data.outputs import atomic_path, print_detections
 
 # --- Config ------------------------------------------------------------------------
 
@@ -68,12 +68,8 @@ def main(argv=None) -> list[str]:
         boxes, labels, scores = found["boxes"][keep], found["labels"][keep], found["scores"][keep]
         target = args.output_dir / f"{path.stem}_detections.png"
         save_drawing(image, boxes, labels, scores, args.max_side, target)
-        for box, label, score in zip(boxes, labels, scores, strict=True):
-            x0, y0, x1, y1 = (round(float(v)) for v in box)
-            lines.append(f"{path}  {detector.CLASS_NAMES[int(label)]}  {score:.3f}  {x0} {y0} {x1} {y1}")
-            print(lines[-1])
-        if not len(boxes):
-            print(f"{path}  no fruit found (score >= {args.score_threshold})")
+        lines += print_detections(path, boxes, labels, scores, detector.CLASS_NAMES,
+                                  args.score_threshold)
         print(f"drew {len(boxes)} boxes on {target}", file=sys.stderr)
     return lines
 

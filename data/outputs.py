@@ -317,6 +317,20 @@ def plot_image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: s
     return save_figure(fig, path)
 
 
+def print_detections(path, boxes, labels, scores, class_names: Sequence[str],
+                     score_threshold: float) -> list[str]:
+    """Print one line per box, `photo  class  score  x0 y0 x1 y1` (pixels), and return them;
+    a photo with no box says so on its own line."""
+    lines = []
+    for box, label, score in zip(boxes, labels, scores, strict=True):
+        x0, y0, x1, y1 = (round(float(v)) for v in box)
+        lines.append(f"{path}  {class_names[int(label)]}  {float(score):.3f}  {x0} {y0} {x1} {y1}")
+        print(lines[-1])
+    if not len(boxes):
+        print(f"{path}  nothing found (score >= {score_threshold})")
+    return lines
+
+
 def draw_boxes(image: np.ndarray, boxes, labels, class_names: Sequence[str], scores=None,
                colors: dict[str, tuple[int, int, int]] | None = None) -> np.ndarray:
     """Boxes (x0, y0, x1, y1 pixels) with 'class score' captions drawn on an RGB uint8 image."""

@@ -295,3 +295,11 @@ def test_detect_names_a_missing_model_and_a_bad_image(smoke_run, tmp_path):
     bad.write_bytes(b"not an image")
     result = run_script(DETECT, "--model-dir", output_dir / "saved_model", bad, check=False)
     assert result.returncode == 2 and "broken.jpg" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    result = run_script("03_tf_od_api/train.py", "--smoke", "--device", "cuda",
+                        "--output-dir", str(tmp_path / "run"), check=False,
+                        env=script_env(CUDA_VISIBLE_DEVICES=""))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --device cuda: TensorFlow sees no GPU")

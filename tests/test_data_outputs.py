@@ -144,3 +144,13 @@ def test_run_facts_name_the_date_versions_and_machine():
     assert facts["pytest_version"] and facts["not_a_package_version"] is None
     assert facts["numpy_version"] == np.__version__
     assert facts["device"] == "cpu" and facts["device_name"] and facts["num_cores"] >= 1
+
+
+def test_print_detections_one_line_per_box(capsys):
+    from data.outputs import print_detections
+
+    lines = print_detections("a.jpg", np.array([[1.4, 2.6, 30, 40]]), np.array([1]), np.array([0.91234]),
+                             ["apple", "banana"], 0.3)
+    assert lines == ["a.jpg  banana  0.912  1 3 30 40"]
+    assert print_detections("b.jpg", np.zeros((0, 4)), [], [], ["apple"], 0.3) == []
+    assert capsys.readouterr().out.splitlines() == [lines[0], "b.jpg  nothing found (score >= 0.3)"]
