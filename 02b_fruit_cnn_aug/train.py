@@ -4,8 +4,9 @@ What it teaches
     The study's first CNN (02) overfit 240 photos; its proposed fixes were an image
     generator to enlarge the data, a validation set and a bigger network. This script
     does each one properly:
-    - a seeded, stratified validation split carved from the 240 training images (saved
-      as split.json); every choice is made on it, and the 60 test images are read once;
+    - a seeded, stratified validation split carved from the 240 training images (saved,
+      with the test photo names, as split.json); every choice is made on it, and the 60
+      test images are read once, for the model that is kept (--no-evaluate-test: never);
     - augmentation with Keras preprocessing layers in a tf.data pipeline: flips,
       rotation, zoom, shifts, brightness, contrast (never hue: colour separates apple
       from orange);
@@ -16,14 +17,24 @@ What it teaches
     - `--weights imagenet` fine-tunes a keras.applications backbone instead: what a
       user with internet should run. `--weights PATH` loads that backbone from a file;
     - `--audit` answers the study's "noisy dataset" complaint with evidence: a contact
-      sheet of the training images ordered by the model's loss, and the test accuracy
-      with and without the training files listed in `exclude`.
+      sheet of the training images ordered by the model's loss and, with an `exclude`
+      list, a second run without those training photos, compared with the first on the
+      same validation photos; the test split is scored once, for the run kept.
+    Every accuracy comes with its Wilson 95% interval; val_predictions.json and
+    test_predictions.json hold one row per photo, so compare.py can pair two recipes
+    photo by photo. TensorFlow's deterministic ops make a seed repeat its numbers on the
+    same machine and library versions (another CPU, a GPU or another TensorFlow may not).
 
 How to run
-    python 02b_fruit_cnn_aug/train.py                    # from scratch, the measured default
-    python 02b_fruit_cnn_aug/train.py --weights imagenet # fine-tune MobileNetV3 (internet)
-    python 02b_fruit_cnn_aug/train.py --audit            # + contact sheet, +- exclusions
+    python 02b_fruit_cnn_aug/train.py                    # from scratch, into runs/02b_fruit_cnn_aug/
+    python 02b_fruit_cnn_aug/train.py --seed 1 --output-dir runs/02b_fruit_cnn_aug-seed1
+    python 02b_fruit_cnn_aug/train.py --weights imagenet --output-dir runs/02b-imagenet
+    python 02b_fruit_cnn_aug/train.py --audit --config 02b_fruit_cnn_aug/audited.toml \
+        --output-dir runs/02b-audit                      # contact sheet, +- exclusions
+    python 02b_fruit_cnn_aug/train.py --no-evaluate-test --output-dir runs/02b-tune  # tuning
     python 02b_fruit_cnn_aug/train.py --smoke            # synthetic data, seconds
+    python 02b_fruit_cnn_aug/predict.py --model-path runs/02b_fruit_cnn_aug/model.keras photo.jpg
+    python 02b_fruit_cnn_aug/compare.py RUN... --against RUN...  # paired, photo by photo
 
 What to expect (measured on 2 shared CPU cores)
     python 02b_fruit_cnn_aug/train.py --data-dir /tmp/dd
@@ -50,19 +61,22 @@ default run's model; the full --audit run itself was not measured)
 
 from __future__ import annotations
 
+import ctypes.util
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from data import cli, fruits, outputs, splits
-from data.cli import ChapterParser, UserError, require, run_main, seed_everything
+from data import classify, cli, download, fruits, outputs, splits, synthetic
+from data.cli import ChapterParser, require, run_main, seed_everything
+from data.intervals import paired_bootstrap
 
 CHAPTER = "02b_fruit_cnn_aug"
 CONFIG_PATH = Path(__file__).with_name("config.toml")
-BACKBONES = {"mobilenet_v3_small": "MobileNetV3Small", "efficientnet_b0": "EfficientNetB0"}
+BACKBONES = ("mobilenet_v3_small", "efficientnet_b0")
 FLIPS = ("horizontal_and_vertical", "horizontal", "vertical", "none")
-NUM_CLASSES = len(fruits.CLASSES)
+DEVICES = ("auto", "cpu", "cuda")
 
 # --- Config ------------------------------------------------------------------------
 
@@ -72,15 +86,18 @@ def check_config(cfg: dict) -> None:
     require(0 < cfg["val_fraction"] < 1, f"--val-fraction must be in (0, 1), got {cfg['val_fraction']}")
     for key in ("epochs", "patience", "batch_size", "audit_count"):
         cli.require_at_least(cfg, key, 1)
+    cli.require_at_least(cfg, "num_threads", 0)
     for key in ("learning_rate", "finetune_learning_rate"):
-        require(cfg[key] > 0, f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
+        cli.require_positive(cfg, key)
     for key in ("dropout", "label_smoothing", "rotation", "zoom", "translation", "brightness",
                 "contrast", "saturation"):
         require(0 <= cfg[key] < 1, f"--{key.replace('_', '-')} must be in [0, 1), got {cfg[key]}")
     require(cfg["mixup_alpha"] >= 0, f"--mixup-alpha must be >= 0, got {cfg['mixup_alpha']}")
-    require(cfg["flip"] in FLIPS, f"--flip must be one of {', '.join(FLIPS)}; got {cfg['flip']!r}")
-    require(cfg["backbone"] in BACKBONES,
-            f"--backbone must be one of {', '.join(BACKBONES)}; got {cfg['backbone']!r}")
+    for key, allowed in (("flip", FLIPS), ("backbone", BACKBONES), ("device", DEVICES)):
+        require(cfg[key] in allowed, f"--{key} must be one of {', '.join(allowed)}; got {cfg[key]!r}")
+    # Without the NVIDIA driver no TensorFlow build can use a GPU: say so before the import.
+    require(cfg["device"] != "cuda" or ctypes.util.find_library("cuda") is not None,
+            "--device cuda: no NVIDIA driver (libcuda) on this machine; use --device auto or cpu")
     require(len(cfg["filters"]) >= 1 and all(f >= 1 for f in cfg["filters"]),
             f"--filters must be one or more positive integers, got {cfg['filters']}")
     require(cfg["weights"] in ("none", "imagenet") or Path(cfg["weights"]).is_file(),
@@ -101,226 +118,105 @@ def parse_exclusions(entries: list[str]) -> dict[str, str]:
 # --- Data --------------------------------------------------------------------------
 
 
-def split_training_images(records, cfg: dict, excluded: dict[str, str]):
-    """Stratified train/val indices into `records`, minus the excluded files.
+class FruitData(NamedTuple):
+    records: list             # the 240 training photos (FruitRecord), train and val
+    images: np.ndarray        # (N, size, size, 3) uint8
+    labels: np.ndarray        # (N,) class indices into fruits.CLASSES
+    test_records: list        # empty in a --no-evaluate-test run: the test files stay unread
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+class Split(NamedTuple):
+    train: np.ndarray         # indices into FruitData.records that the model trains on
+    val: np.ndarray           # indices of the validation photos (never excluded)
+    every_train: np.ndarray   # the training indices before the exclusions
+
+
+def load_data(data_dir: Path, smoke: bool, output_dir: Path, cfg: dict) -> FruitData:
+    """Decode every photo once through the shared reader, squashed to a square.
+
+    The real set, or with --smoke a tiny synthetic one in the same layout (8 train / 3 test
+    pictures per class). The test folder is listed and decoded only when evaluate_test.
+    """
+    if smoke:
+        root = synthetic.write_fruits(output_dir / "smoke-data", train_per_class=8,
+                                      test_per_class=3, seed=cfg["seed"])
+    else:
+        root = download.ensure("fruits", data_dir)
+    start = time.monotonic()
+    records = fruits.load_split(root, "train")
+    test_records = fruits.load_split(root, "test") if cfg["evaluate_test"] else []
+    images, labels = fruits.decode_images(records, cfg["image_size"])
+    test_images, test_labels = (fruits.decode_images(test_records, cfg["image_size"])
+                                if test_records else (np.zeros((0,)), np.zeros((0,), int)))
+    print(f"decoded {len(records)} train + {len(test_records)} test images in "
+          f"{time.monotonic() - start:.1f}s")
+    return FruitData(records, images, labels, test_records, test_images, test_labels)
+
+
+def split_training_images(records, cfg: dict, excluded: dict[str, str]) -> Split:
+    """Stratified train/val indices into `records`; the excluded files leave training only.
 
     The split is drawn over all training images first, so that editing `exclude` never
-    reshuffles it; excluded files then leave whichever side they fell on.
+    reshuffles it, and validation keeps every photo that fell into it, excluded or not:
+    runs with and without the exclusions are then compared on the very same photos.
     """
     names = [r.image_path.name for r in records]
     unknown = sorted(set(excluded) - set(names))
     require(not unknown, f"exclude lists files that are not training images: {', '.join(unknown)}")
     train_idx, val_idx = splits.stratified_split([r.label for r in records],
                                                  cfg["val_fraction"], cfg["seed"])
+    in_val = sorted(names[i] for i in val_idx if names[i] in excluded)
+    if in_val:
+        print(f"exclude: {', '.join(in_val)} fell into validation and stay there, with their "
+              "labels as given (exclusions leave the training photos only)")
     keep = np.array([name not in excluded for name in names])
-    return train_idx[keep[train_idx]], val_idx[keep[val_idx]]
+    return Split(train_idx[keep[train_idx]], val_idx, train_idx)
 
 
-def build_augmenter(keras, cfg: dict):
-    """Random transforms for training batches; each image gets its own draw."""
-    layers, seed = keras.layers, cfg["seed"]
-    steps = [] if cfg["flip"] == "none" else [layers.RandomFlip(cfg["flip"], seed=seed)]
-    if cfg["rotation"]:
-        steps.append(layers.RandomRotation(cfg["rotation"], fill_mode="reflect", seed=seed))
-    if cfg["zoom"]:
-        steps.append(layers.RandomZoom(cfg["zoom"], fill_mode="reflect", seed=seed))
-    if cfg["translation"]:
-        steps.append(layers.RandomTranslation(cfg["translation"], cfg["translation"],
-                                              fill_mode="reflect", seed=seed))
-    if cfg["brightness"]:
-        steps.append(layers.RandomBrightness(cfg["brightness"], value_range=(0, 255), seed=seed))
-    if cfg["contrast"]:
-        steps.append(layers.RandomContrast(cfg["contrast"], value_range=(0, 255), seed=seed))
-    if cfg["saturation"]:  # factor 0.5 is "unchanged" for this layer
-        half = cfg["saturation"] / 2
-        steps.append(layers.RandomSaturation((0.5 - half, 0.5 + half), value_range=(0, 255),
-                                             seed=seed))
-    return keras.Sequential(steps or [layers.Identity()], name="augment")
-
-
-def make_dataset(tf, images, labels, cfg: dict, augmenter=None):
-    """A tf.data pipeline; with an augmenter: shuffled, augmented, optionally mixed up."""
-    onehot = np.eye(NUM_CLASSES, dtype="float32")[labels]
-    data = tf.data.Dataset.from_tensor_slices((images, onehot))
-    if augmenter is None:
-        return data.batch(cfg["batch_size"]).prefetch(tf.data.AUTOTUNE)
-    data = data.shuffle(len(images), seed=cfg["seed"], reshuffle_each_iteration=True)
-    # A sequential map: parallel calls would draw the random transforms in a different
-    # order each run, and the seed would no longer fix the result. prefetch still
-    # overlaps the augmentation with training.
-    data = data.batch(cfg["batch_size"]).map(
-        lambda x, y: (augmenter(tf.cast(x, "float32"), training=True), y))
-    if cfg["mixup_alpha"] > 0:
-        data = data.map(lambda x, y: mixup(tf, x, y, cfg["mixup_alpha"]))
-    return data.prefetch(tf.data.AUTOTUNE)
-
-
-def mixup(tf, images, labels, alpha: float):
-    """Blend each example with another from the batch, weight ~ Beta(alpha, alpha)."""
-    count = tf.shape(images)[0]
-    a, b = tf.random.gamma([count], alpha), tf.random.gamma([count], alpha)
-    weight = a / (a + b)
-    partner = tf.random.shuffle(tf.range(count))
-    wx, wy = tf.reshape(weight, [-1, 1, 1, 1]), tf.reshape(weight, [-1, 1])
-    return (wx * images + (1 - wx) * tf.gather(images, partner),
-            wy * labels + (1 - wy) * tf.gather(labels, partner))
-
-
-# --- Model -------------------------------------------------------------------------
-
-
-def build_model(keras, cfg: dict):
-    """From scratch when --weights none, else a keras.applications backbone + new head.
-
-    Both take pixels in [0, 255]: the scratch model rescales itself, and MobileNetV3 and
-    EfficientNet carry their own preprocessing layers.
-    """
-    layers = keras.layers
-    inputs = keras.Input((cfg["image_size"], cfg["image_size"], 3))
-    if cfg["weights"] == "none":
-        x = layers.Rescaling(1.0 / 255)(inputs)
-        # A stride-2 stem conv halves the image before the costly layers, which run on a
-        # quarter of the pixels (a one-off timing, not a flag, showed epochs over 2x faster).
-        x = conv_bn_relu(layers, x, cfg["filters"][0], strides=2)
-        for count in cfg["filters"][1:]:  # two 3x3 convs see a 5x5 patch per block
-            x = conv_bn_relu(layers, x, count)
-            x = conv_bn_relu(layers, x, count)
-            x = layers.MaxPooling2D()(x)
-        x = layers.GlobalAveragePooling2D()(x)  # no Flatten->Dense: far fewer weights to overfit
-    else:
-        backbone = load_backbone(keras, cfg)
-        x = backbone(inputs, training=False)  # keep ImageNet's batch-norm statistics
-    x = layers.Dropout(cfg["dropout"])(x)
-    outputs = layers.Dense(NUM_CLASSES, activation="softmax")(x)
-    return keras.Model(inputs, outputs, name="fruit_cnn" if cfg["weights"] == "none" else "finetune")
-
-
-def conv_bn_relu(layers, x, filters: int, strides: int = 1):
-    x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)(x)
-    # momentum 0.9, not 0.99: with ~6 steps per epoch the running statistics used at
-    # evaluation must follow the weights within an epoch or two.
-    x = layers.BatchNormalization(momentum=0.9)(x)
-    return layers.ReLU()(x)
-
-
-def load_backbone(keras, cfg: dict):
-    constructor = getattr(keras.applications, BACKBONES[cfg["backbone"]])
-    size = cfg["image_size"]
-    try:
-        return constructor(input_shape=(size, size, 3), include_top=False,
-                           weights=cfg["weights"], pooling="avg")
-    except Exception as exc:  # keras.utils.get_file raises a bare Exception when offline
-        if cfg["weights"] == "imagenet":
-            reason = " ".join(str(exc).split())[:300]  # keep it to one line
-            raise UserError(f"could not download the ImageNet weights for {cfg['backbone']} "
-                            f"({reason}); offline, train from scratch with --weights none"
-                            ) from None
-        raise UserError(f"--weights {cfg['weights']}: not {cfg['backbone']} weights "
-                        f"(include_top=False): {exc}") from None
-
-
-# --- Train -------------------------------------------------------------------------
-
-
-def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
-    """n / (k * n_c): each class carries the same total weight in the loss."""
-    counts = np.bincount(labels, minlength=NUM_CLASSES)
-    return {c: float(len(labels) / (NUM_CLASSES * max(n, 1))) for c, n in enumerate(counts)}
-
-
-def keep_best_on_validation(keras, patience: int):
-    """Early stopping on val accuracy that restores the best weights at the end.
-
-    48 validation images make accuracy move in steps of 2%, so many epochs tie; a tie
-    goes to the lower val loss (Keras' EarlyStopping would keep the first, often a
-    lucky epoch in the noisy high-learning-rate phase).
-    """
-
-    class Keeper(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.best, self.best_epoch, self.best_weights = (-1.0, 0.0), 0, None
-
-        def on_epoch_end(self, epoch, logs=None):
-            score = (logs["val_accuracy"], -logs["val_loss"])
-            if score > self.best:
-                self.best, self.best_epoch = score, epoch
-                self.best_weights = self.model.get_weights()
-            elif epoch - self.best_epoch >= patience:
-                self.model.stop_training = True
-
-        def on_train_end(self, logs=None):
-            if self.best_weights is not None:
-                self.model.set_weights(self.best_weights)
-                print(f"restored the weights of epoch {self.best_epoch + 1}: val accuracy "
-                      f"{self.best[0]:.3f}, val loss {-self.best[1]:.3f}")
-
-    return Keeper()
-
-
-def train(keras, tf, model, data: dict, train_idx, val_idx, cfg: dict):
-    """Fit with early stopping on val accuracy; returns (history, seconds, best epoch)."""
-    steps_per_epoch = -(-len(train_idx) // cfg["batch_size"])
-    peak = cfg["learning_rate"] if cfg["weights"] == "none" else cfg["finetune_learning_rate"]
-    warmup = min(5, cfg["epochs"] // 4) * steps_per_epoch  # a few calm epochs while BN settles
-    schedule = keras.optimizers.schedules.CosineDecay(
-        peak / 10, decay_steps=max(cfg["epochs"] * steps_per_epoch - warmup, 1),
-        warmup_target=peak, warmup_steps=warmup)
-    model.compile(optimizer=keras.optimizers.Adam(schedule),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"]),
-                  metrics=["accuracy"])
-    x, y = data["images"], data["labels"]
-    train_data = make_dataset(tf, x[train_idx], y[train_idx], cfg, build_augmenter(keras, cfg))
-    val_data = make_dataset(tf, x[val_idx], y[val_idx], cfg)
-    stopper = keep_best_on_validation(keras, cfg["patience"])
-    class_weight = balanced_class_weights(y[train_idx]) if cfg["class_weights"] else None
-    start = time.monotonic()
-    history = model.fit(train_data, validation_data=val_data, epochs=cfg["epochs"],
-                        class_weight=class_weight, callbacks=[stopper], verbose=2)
-    return history.history, time.monotonic() - start, stopper.best_epoch + 1
+# --- Model and training: model.py (the network) and training.py (augmentation,
+# schedule, class weights, early stopping on validation) --------------------------
 
 
 # --- Evaluate ----------------------------------------------------------------------
 
 
-def accuracy_metrics(prefix: str, labels: np.ndarray, predicted: np.ndarray) -> tuple[dict, np.ndarray]:
-    cm = outputs.confusion_matrix(labels, predicted, NUM_CLASSES)
-    metrics = {f"{prefix}_accuracy": float(np.mean(predicted == labels))}
-    for index, name in enumerate(fruits.CLASSES):
-        metrics[f"{prefix}_accuracy_{name}"] = float(cm[index, index] / max(cm[index].sum(), 1))
-    return metrics, cm
+def compare_on_validation(every, fewer, val_labels: np.ndarray, seed: int) -> tuple[bool, dict]:
+    """The audit's comparison, on validation only: the run on every training photo against
+    the run without the excluded ones, paired on the same validation photos.
+
+    The exclusions are kept only if they win on validation accuracy (a tie keeps every
+    photo: a change must earn its place). Returns (keep the exclusions?, audit metrics).
+    """
+    right_every = every.val_probs.argmax(1) == val_labels
+    right_fewer = fewer.val_probs.argmax(1) == val_labels
+    paired = paired_bootstrap(lambda i: right_fewer[i].mean(), lambda i: right_every[i].mean(),
+                              len(val_labels), reps=1000, seed=seed)
+    keep = bool(right_fewer.mean() > right_every.mean())
+    return keep, {"audit_val_accuracy_every_photo": float(right_every.mean()),
+                  "audit_val_accuracy_with_exclusions": float(right_fewer.mean()),
+                  "audit_val_difference": paired["difference"],
+                  "audit_val_difference_ci95": paired["ci95"],
+                  "audit_kept": "with_exclusions" if keep else "every_photo"}
 
 
-def fit_and_evaluate(keras, tf, cfg: dict, data: dict, train_idx, val_idx) -> dict:
-    """Build, train, and measure one model: validation metrics, then the test split once."""
-    keras.utils.set_random_seed(cfg["seed"])  # every run (audit: both) starts the same way
-    model = build_model(keras, cfg)
-    history, seconds, best_epoch = train(keras, tf, model, data, train_idx, val_idx, cfg)
-    val_predicted = model.predict(data["images"][val_idx], verbose=0).argmax(axis=1)
-    metrics, _ = accuracy_metrics("val", data["labels"][val_idx], val_predicted)
-    test_predicted = model.predict(data["test_images"], verbose=0).argmax(axis=1)
-    test_metrics, cm = accuracy_metrics("test", data["test_labels"], test_predicted)
-    metrics.update(test_metrics, best_epoch=best_epoch, epochs_run=len(history["loss"]),
-                   train_seconds=seconds, num_train=len(train_idx), num_val=len(val_idx))
-    return {"model": model, "history": history, "metrics": metrics, "cm": cm,
-            "test_predicted": test_predicted}
-
-
-def audit_training_images(model, data: dict, records, val_idx, output_dir: Path, count: int):
-    """Score every training image; a contact sheet of the `count` with the highest loss."""
-    probs = model.predict(data["images"], verbose=0)
-    labels = data["labels"]
+def audit_training_images(probs: np.ndarray, data: FruitData, split: Split, output_dir: Path,
+                          count: int) -> int:
+    """Rank the training photos (train and val) by the model's loss: audit.json and a contact
+    sheet (audit.png) of the `count` hardest. Returns how many disagree with their label."""
+    labels = data.labels
     losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0))
     predicted = probs.argmax(axis=1)
-    in_val = np.isin(np.arange(len(labels)), val_idx)
+    in_val = np.isin(np.arange(len(labels)), split.val)
     order = np.argsort(-losses, kind="stable")
-    rows = [{"file": records[i].image_path.name, "label": fruits.CLASSES[labels[i]],
+    rows = [{"file": data.records[i].image_path.name, "label": fruits.CLASSES[labels[i]],
              "predicted": fruits.CLASSES[predicted[i]], "loss": float(losses[i]),
              "part": "val" if in_val[i] else "train"} for i in order]
     outputs.write_json(output_dir / "audit.json", rows)
     top = order[:count]
     outputs.plot_image_grid(
-        [data["images"][i] for i in top],
+        [data.images[i] for i in top],
         [f"{r['file'][:-4]}{' (val)' if r['part'] == 'val' else ''}\n-> {r['predicted']} "
          f"loss {r['loss']:.1f}" for r in rows[:count]],
         output_dir / "audit.png", columns=8,
@@ -329,66 +225,87 @@ def audit_training_images(model, data: dict, records, val_idx, output_dir: Path,
     return int(np.sum(predicted != labels))
 
 
+def evaluate(run, data: FruitData, split: Split, test_probs: np.ndarray | None) -> dict:
+    """Validation figures of the kept weights, then the test split's, each with its interval."""
+    metrics = classify.accuracy_metrics("val", data.labels[split.val], run.val_probs.argmax(1),
+                                        fruits.CLASSES)
+    if test_probs is not None:
+        metrics.update(classify.accuracy_metrics("test", data.test_labels, test_probs.argmax(1),
+                                                 fruits.CLASSES))
+    metrics.update(best_epoch=run.best_epoch, epochs_run=len(run.history["loss"]),
+                   train_seconds=run.seconds, num_train=len(split.train),
+                   num_val=len(split.val), num_test=len(data.test_records),
+                   num_excluded=len(split.every_train) - len(split.train))
+    return metrics
+
+
 # --- Save --------------------------------------------------------------------------
 
 
-def save_run(output_dir: Path, run: dict, data: dict, test_records) -> None:
-    with outputs.atomic_path(output_dir / "model.keras") as tmp:
-        run["model"].save(tmp)
-    curves = {k: v for k, v in run["history"].items() if k.endswith(("loss", "accuracy"))}
+def save_outputs(output_dir: Path, run, data: FruitData, split: Split, test_probs) -> None:
+    curves = {k: v for k, v in run.history.items() if k.endswith(("loss", "accuracy"))}
     outputs.plot_curves(curves, output_dir / "curves.png", title="02b train / validation")
-    outputs.plot_confusion(run["cm"], fruits.CLASSES, output_dir / "confusion.png", title="02b test")
-    fruits.plot_misclassified(data["test_images"], test_records, run["test_predicted"],
-                              data["test_labels"], output_dir / "misclassified.png")
+    outputs.write_json(output_dir / "val_predictions.json", classify.prediction_rows(
+        [data.records[i].image_path.name for i in split.val], data.labels[split.val],
+        run.val_probs, fruits.CLASSES))
+    if test_probs is None:  # a --no-evaluate-test tuning run
+        return
+    outputs.write_json(output_dir / "test_predictions.json", classify.prediction_rows(
+        [r.image_path.name for r in data.test_records], data.test_labels, test_probs,
+        fruits.CLASSES))
+    predicted = test_probs.argmax(1)
+    cm = outputs.confusion_matrix(data.test_labels, predicted, len(fruits.CLASSES))
+    outputs.plot_confusion(cm, fruits.CLASSES, output_dir / "confusion.png", title="02b test")
+    fruits.plot_misclassified(data.test_images, data.test_records, predicted, data.test_labels,
+                              output_dir / "misclassified.png")
+
+
+def write_split(output_dir: Path, data: FruitData, split: Split) -> None:
+    names = [r.image_path.name for r in data.records]
+    outputs.write_split(output_dir, {
+        "train": [names[i] for i in split.train], "val": [names[i] for i in split.val],
+        "test": [r.image_path.name for r in data.test_records],
+        "excluded": sorted(set(names[i] for i in split.every_train) - set(names[i] for i in split.train))})
 
 
 def main(argv=None) -> dict:
-    parser = ChapterParser(__doc__, CONFIG_PATH, CHAPTER)
-    cfg, args = parser.parse_config(argv)
+    cfg, args = ChapterParser(__doc__, CONFIG_PATH, CHAPTER).parse_config(argv)
     check_config(cfg)
     excluded = parse_exclusions(cfg["exclude"])
-    output_dir = outputs.prepare_output_dir(args.output_dir, cfg, smoke=args.smoke,
-                                            data_dir=str(args.data_dir))
-    # Import the framework only now, so --help and flag errors answer at once.
-    import keras
-    import tensorflow as tf
+    output_dir = outputs.prepare_output_dir(args.output_dir, cfg, overwrite=args.overwrite,
+                                            smoke=args.smoke, data_dir=str(args.data_dir))
+    # TensorFlow takes seconds to import: only now, so --help and flag errors answer at once.
+    import model
+    import training
 
-    seed_everything(cfg["seed"])
-    keras.utils.set_random_seed(cfg["seed"])
+    device, device_name = model.set_up_tensorflow(cfg["device"], cfg["num_threads"], cfg["seed"])
     if cfg["weights"] != "none":  # fail now, not after decoding: a missing download is common
-        build_model(keras, cfg)
+        model.build_model(cfg)
+    seed_everything(cfg["seed"])
+    data = load_data(args.data_dir, args.smoke, output_dir, cfg)
+    split = split_training_images(data.records, cfg, excluded)
 
-    train_records, test_records = fruits.load_fruits_or_smoke(
-        args.data_dir, args.smoke, output_dir, cfg["seed"])
-    start = time.monotonic()
-    images, labels = fruits.decode_images(train_records, cfg["image_size"])
-    test_images, test_labels = fruits.decode_images(test_records, cfg["image_size"])
-    data = {"images": images, "labels": labels, "test_images": test_images,
-            "test_labels": test_labels}
-    print(f"decoded {len(images)} train + {len(test_images)} test images in "
-          f"{time.monotonic() - start:.1f}s")
-    train_idx, val_idx = split_training_images(train_records, cfg, excluded)
-    names = [r.image_path.name for r in train_records]
-    outputs.write_json(output_dir / "split.json", {
-        "seed": cfg["seed"], "val_fraction": cfg["val_fraction"],
-        "train": [names[i] for i in train_idx], "val": [names[i] for i in val_idx],
-        "excluded": excluded, "test": [r.image_path.name for r in test_records]})
-
+    run = training.fit_and_score(cfg, data.images, data.labels, split.train, split.val)
     audit_metrics = {}
-    if cfg["audit"]:  # first train on everything, and look at what the model finds hardest
-        every_train, every_val = split_training_images(train_records, cfg, {})
-        run = fit_and_evaluate(keras, tf, cfg, data, every_train, every_val)
-        disagree = audit_training_images(run["model"], data, train_records, every_val,
-                                         output_dir, cfg["audit_count"])
-        audit_metrics = {f"no_exclusions_{k}": v for k, v in run["metrics"].items()}
-        audit_metrics["audit_disagreements"] = disagree
+    if cfg["audit"]:  # rank the photos by the loss of a model that trained on all of them
+        every = run if not excluded else training.fit_and_score(
+            cfg, data.images, data.labels, split.every_train, split.val)
+        disagree = audit_training_images(model.probabilities(every.model, data.images), data,
+                                         split, output_dir, cfg["audit_count"])
         print(f"audit: {disagree} training images disagree with their label; see audit.png")
-    if not cfg["audit"] or excluded:
-        run = fit_and_evaluate(keras, tf, cfg, data, train_idx, val_idx)
-    metrics = {**run["metrics"], "num_excluded": len(excluded), "num_test": len(test_images),
-               **audit_metrics}
+        audit_metrics["audit_disagreements"] = disagree
+        if excluded:
+            keep, comparison = compare_on_validation(every, run, data.labels[split.val], cfg["seed"])
+            audit_metrics.update(comparison)
+            run, split = (run, split) if keep else (every, split._replace(train=split.every_train))
 
-    save_run(output_dir, run, data, test_records)
+    write_split(output_dir, data, split)  # the photos the kept run trained and was scored on
+    # The test photos, once, for the run that is kept.
+    test_probs = model.probabilities(run.model, data.test_images) if cfg["evaluate_test"] else None
+    metrics = {**evaluate(run, data, split, test_probs), **audit_metrics,
+               **outputs.run_facts(("tensorflow", "keras"), device, device_name)}
+    model.save(run.model, output_dir / "model.keras")
+    save_outputs(output_dir, run, data, split, test_probs)
     outputs.write_metrics(output_dir, metrics)
     return metrics
 
