@@ -49,8 +49,9 @@ What to expect (measured on 2 CPU cores shared with other jobs; deterministic pe
     The validation curve swings wildly while the learning rate is high and settles as the
     cosine schedule lowers it; patience 25 can stop a run inside the swings (seed 0).
 
-What the audit found (the ranking that --audit draws as audit.png, computed for the
-default run's model; the full --audit run itself was not measured)
+What the audit found (the ranking that --audit draws as audit.png, computed for the model
+of an earlier default run, made before the ops were deterministic; the full --audit run
+itself was not measured)
     Ranked by the trained model's loss, only 2 of 240 training images disagree with
     their label: banana_35 (a face drawn from two peaches and a banana: mixed by the
     dataset's own rule) and orange_13 (a yellow close-up, called banana). banana_61 (a

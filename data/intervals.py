@@ -37,7 +37,9 @@ def wilson_ci95(successes: int, total: int) -> list[float]:
     z2 = Z95 * Z95
     centre = (p + z2 / (2 * total)) / (1 + z2 / total)
     half = Z95 * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total)) / (1 + z2 / total)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends, no rounding dust
+    high = 1.0 if successes == total else min(1.0, centre + half)
+    return [low, high]
 
 
 def _resamples(num_items: int, reps: int, seed: int) -> np.ndarray:
