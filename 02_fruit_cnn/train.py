@@ -54,7 +54,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data import classify, cli, download, fruits, outputs, synthetic
+from data import classify, cli, fruits, outputs
 from data.cli import ChapterParser, require, run_main, seed_everything
 
 CHAPTER = "02_fruit_cnn"
@@ -102,14 +102,9 @@ def load_data(data_dir: Path, smoke: bool, output_dir: Path, cfg: dict) -> Fruit
     The real set, or with --smoke a tiny synthetic one in the same layout (8 train / 3 test
     pictures per class). The test folder is listed and decoded only when evaluate_test.
     """
-    if smoke:
-        root = synthetic.write_fruits(output_dir / "smoke-data", train_per_class=8,
-                                      test_per_class=3, seed=cfg["seed"])
-    else:
-        root = download.ensure("fruits", data_dir)
+    train_records, test_records = fruits.load_fruits_or_smoke(data_dir, smoke, output_dir, cfg["seed"],
+                                                       test=cfg["evaluate_test"])
     start = time.monotonic()
-    train_records = fruits.load_split(root, "train")
-    test_records = fruits.load_split(root, "test") if cfg["evaluate_test"] else []
     train_images, train_labels = fruits.decode_images(train_records, cfg["image_size"])
     test_images, test_labels = (fruits.decode_images(test_records, cfg["image_size"])
                                 if test_records else (np.zeros((0,)), np.zeros((0,), int)))
