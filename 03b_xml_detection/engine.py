@@ -100,10 +100,11 @@ def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
 
 @dataclass
 class Trainer:
-    """What a training step needs, in one record."""
+    """What the training steps need, in one record."""
     model: torch.nn.Module
     ema: AveragedModel
     loader: torch.utils.data.DataLoader
+    generator: torch.Generator  # the loader's batch order and worker seeds; saved for --resume
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device

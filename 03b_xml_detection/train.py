@@ -185,8 +185,9 @@ class Progress:
     val_curve: dict = field(default_factory=lambda: {"epoch": [], "map50": [], "map": [], "map50_raw": []})
 
 
-def make_trainer(start: Start, fit, cfg: dict, device, output_dir: Path):
-    """Loader, optimizer, schedule and EMA; with --resume, their saved states and progress."""
+def make_trainer(start: Start, fit, cfg: dict, device, output_dir: Path) -> tuple[object, Progress]:
+    """Loader, optimizer, schedule and EMA (engine.Trainer); with --resume, their saved
+    states and the progress so far."""
     import engine  # torch: imported only after the flags are parsed
     import model as detector
     import torch
@@ -199,20 +200,26 @@ def make_trainer(start: Start, fit, cfg: dict, device, output_dir: Path):
     if bf16:  # the network in bfloat16, FCOS's losses and box decoding in float32
         for model in (start.model, ema.module):
             detector.fp32_outside_the_network(model)
-    trainer = engine.Trainer(start.model, ema, loader, optimizer, scheduler, device, cfg["grad_clip"],
-                             cfg["epochs"], bf16)
-    progress, state = Progress(), start.resume_state
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ema.load_state_dict(state["ema_full"])
-        progress = Progress(state["epoch"], state["train_seconds"], state["wall_seconds"],
-                            state["history"], state["val_curve"])
-        engine.restore_rng(state["rng"])
-        if "loader_rng" in state:
-            generator.set_state(state["loader_rng"])
-        print(f"resumed from {output_dir / 'checkpoint.pt'} after epoch {state['epoch']}")
-    return trainer, generator, progress
+    trainer = engine.Trainer(start.model, ema, loader, generator, optimizer, scheduler, device,
+                             cfg["grad_clip"], cfg["epochs"], bf16)
+    if start.resume_state is None:
+        return trainer, Progress()
+    return trainer, restore(trainer, start.resume_state, output_dir)
+
+
+def restore(trainer, state: dict, output_dir: Path) -> Progress:
+    """Put an interrupted run's optimizer, schedule, EMA and random states back; its progress."""
+    import engine  # torch: imported only after the flags are parsed
+
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.ema.load_state_dict(state["ema_full"])
+    engine.restore_rng(state["rng"])
+    if "loader_rng" in state:
+        trainer.generator.set_state(state["loader_rng"])
+    print(f"resumed from {output_dir / 'checkpoint.pt'} after epoch {state['epoch']}")
+    return Progress(state["epoch"], state["train_seconds"], state["wall_seconds"],
+                    state["history"], state["val_curve"])
 
 
 def validate(trainer, val, progress: Progress) -> str:
@@ -227,7 +234,7 @@ def validate(trainer, val, progress: Progress) -> str:
     return f"  val mAP@0.5 {ema['map50']:.3f} (raw {raw['map50']:.3f})  mAP {ema['map']:.3f}"
 
 
-def train(trainer, generator, progress: Progress, val, cfg: dict, arch: dict, output_dir: Path) -> Progress:
+def train(trainer, progress: Progress, val, cfg: dict, arch: dict, output_dir: Path) -> Progress:
     """Epochs until --epochs or --time-limit-minutes; a checkpoint after each."""
     import engine  # torch: imported only after the flags are parsed
 
@@ -244,17 +251,26 @@ def train(trainer, generator, progress: Progress, val, cfg: dict, arch: dict, ou
             line += validate(trainer, val, progress)
         progress.wall_seconds += time.monotonic() - epoch_start
         print(line, flush=True)
-        engine.save_checkpoint(
-            output_dir / "checkpoint.pt", arch=arch, config=cfg, epoch=epoch,
-            model=trainer.model.state_dict(), ema=trainer.ema.module.state_dict(),
-            ema_full=trainer.ema.state_dict(), optimizer=trainer.optimizer.state_dict(),
-            scheduler=trainer.scheduler.state_dict(), history=progress.history,
-            val_curve=progress.val_curve, train_seconds=progress.train_seconds,
-            wall_seconds=progress.wall_seconds, rng=engine.rng_state(), loader_rng=generator.get_state())
+        write_checkpoint(output_dir / "checkpoint.pt", trainer, progress, cfg, arch)
         if progress.wall_seconds > budget and epoch < cfg["epochs"]:  # a shared or slower machine:
             print(f"stopping after epoch {epoch}: over --time-limit-minutes {cfg['time_limit_minutes']}")
             break  # stop cleanly and say so (the cosine is cut short)
     return progress
+
+
+def write_checkpoint(path: Path, trainer, progress: Progress, cfg: dict, arch: dict) -> None:
+    """Everything --resume needs to go on as if never stopped: the weights (raw and EMA), the
+    optimizer, the schedule, the progress and both random states (torch's and the loader's)."""
+    import engine  # torch: imported only after the flags are parsed
+
+    engine.save_checkpoint(
+        path, arch=arch, config=cfg, epoch=progress.epoch,
+        model=trainer.model.state_dict(), ema=trainer.ema.module.state_dict(),
+        ema_full=trainer.ema.state_dict(), optimizer=trainer.optimizer.state_dict(),
+        scheduler=trainer.scheduler.state_dict(), history=progress.history,
+        val_curve=progress.val_curve, train_seconds=progress.train_seconds,
+        wall_seconds=progress.wall_seconds, rng=engine.rng_state(),
+        loader_rng=trainer.generator.get_state())
 
 
 # --- Evaluate ----------------------------------------------------------------------
@@ -287,23 +303,31 @@ def test_metrics(predictions: list[dict], test, seed: int) -> dict:
     return metrics
 
 
-def evaluate(trainer, split: Split, val, cfg: dict) -> tuple[dict, object, list | None]:
+class Evaluation(NamedTuple):
+    """The run's final figures; with the test pass, also the decoded test photos and their
+    predictions, for the prediction grid (None after a --no-evaluate-test run)."""
+    metrics: dict
+    test: object = None         # model.Photos
+    predictions: list | None = None
+
+
+def evaluate(trainer, split: Split, val, cfg: dict) -> Evaluation:
     """Final validation figures; then, unless --no-evaluate-test, the test photos, once,
-    with the EMA weights (what detect.py uses). (metrics, test photos, test predictions)"""
+    with the EMA weights (what detect.py uses)."""
     import model as detector  # torch: imported only after the flags are parsed
 
     ema_model, device = trainer.ema.module, trainer.device
     final_val = score(detector.predict(ema_model, val.images, device), val)
     metrics = {"val_map50": final_val["map50"], "val_map": final_val["map"]}
     if not cfg["evaluate_test"]:
-        return metrics, None, None
+        return Evaluation(metrics)
     start = time.monotonic()
     test = detector.preload(split.test, cfg["image_size"], "decode test")
     predictions = detector.predict(ema_model, test.images, device)
     metrics = {**test_metrics(predictions, test, cfg["seed"]), **metrics}
     print(f"test mAP@0.5 {metrics['map50']:.3f} {metrics['map50_ci95']}, mAP {metrics['map']:.3f} "
           f"{metrics['map_ci95']} ({time.monotonic() - start:.0f}s with the intervals)")
-    return metrics, test, predictions
+    return Evaluation(metrics, test, predictions)
 
 
 # --- Save --------------------------------------------------------------------------
@@ -343,7 +367,7 @@ def plot_test_grid(test, records: list, predictions: list[dict], cfg: dict, path
 
 
 def save(output_dir: Path, trainer, arch: dict, progress: Progress, split: Split, cfg: dict,
-         metrics: dict, test=None, predictions=None) -> dict:
+         evaluation: Evaluation) -> dict:
     """model.pt (the EMA weights), the plots, and metrics.json with the run's facts."""
     import engine  # torch: imported only after the flags are parsed
     import model as detector
@@ -352,11 +376,13 @@ def save(output_dir: Path, trainer, arch: dict, progress: Progress, split: Split
                            model=trainer.ema.module.state_dict(), ema=None)
     outputs.plot_curves(progress.history, output_dir / "loss_curves.png", title="training losses")
     plot_val_curve(progress.val_curve, output_dir / "val_map.png")
-    if test is not None:
-        plot_test_grid(test, split.test, predictions, cfg, output_dir / "test_predictions.png")
+    if evaluation.test is not None:
+        plot_test_grid(evaluation.test, split.test, evaluation.predictions, cfg,
+                       output_dir / "test_predictions.png")
     else:  # no stale test grid from an earlier run next to this model
         (output_dir / "test_predictions.png").unlink(missing_ok=True)
     history = progress.history["loss"]
+    metrics = dict(evaluation.metrics)
     metrics.update(train_seconds=progress.train_seconds, wall_seconds=progress.wall_seconds,
                    epochs=progress.epoch, weights=cfg["weights"], image_size=cfg["image_size"],
                    num_train=len(split.train), num_val=len(split.val), num_test=len(split.test),
@@ -392,11 +418,11 @@ def main(argv=None) -> dict:
     split = split_records(*load_records(args, cfg, output_dir), cfg, output_dir)
     decode_start = time.monotonic()
     fit, val = decode(split, cfg)
-    trainer, generator, progress = make_trainer(start, fit, cfg, device, output_dir)
+    trainer, progress = make_trainer(start, fit, cfg, device, output_dir)
     progress.wall_seconds += time.monotonic() - decode_start  # decoding counts towards the time limit
-    progress = train(trainer, generator, progress, val, cfg, start.arch, output_dir)
-    metrics, test, predictions = evaluate(trainer, split, val, cfg)
-    return save(output_dir, trainer, start.arch, progress, split, cfg, metrics, test, predictions)
+    progress = train(trainer, progress, val, cfg, start.arch, output_dir)
+    evaluation = evaluate(trainer, split, val, cfg)
+    return save(output_dir, trainer, start.arch, progress, split, cfg, evaluation)
 
 
 if __name__ == "__main__":

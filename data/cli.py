@@ -232,7 +232,13 @@ def require_positive(cfg: dict[str, Any], key: str) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python and numpy; each chapter seeds its own framework on top."""
+    """Seed Python and numpy; each chapter seeds its own framework on top.
+
+    Python's string hashing (the order of a set of strings) is not seeded here: only
+    PYTHONHASHSEED in the environment *before* the interpreter starts fixes it, and setting
+    it at run time has no effect. No figure depends on it: every set that reaches an output
+    or a message is sorted first (the same-seed tests run each script in a fresh process,
+    with a fresh hash seed, and compare the figures)."""
     import numpy as np
 
     random.seed(seed)

@@ -16,7 +16,15 @@ from PIL import Image, ImageDraw
 
 from data import mnist, synthetic
 from data.intervals import wilson_ci95
-from tests.helpers import REPO, SHARED_DATASETS, run_chapter, run_script, script_env
+from tests.helpers import (
+    REPO,
+    SHARED_DATASETS,
+    assert_one_line_error,
+    keras_learning_rates,
+    run_chapter,
+    run_script,
+    script_env,
+)
 
 SCRIPT = "01_mnist/train.py"
 PREDICT = "01_mnist/predict.py"
@@ -32,18 +40,6 @@ def _load_digits_module():
 
 
 digits = _load_digits_module()
-
-
-def _error_line(result, *fragments: str) -> str:
-    """A user mistake: exit 2, no traceback, one `error:` line naming the problem
-    (TensorFlow's own start-up lines may stand beside it on stderr)."""
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def _figures(metrics: dict) -> dict:
@@ -126,7 +122,7 @@ def test_no_silent_overwrite_and_a_tuning_run_never_reads_test(tmp_path):
     assert first["num_test"] == 100 and (out / "confusion.png").is_file()
     before = _snapshot(out)
     refused = run_script(SCRIPT, "--output-dir", str(out), *args, check=False, timeout=120, env=env)
-    _error_line(refused, "--overwrite", str(out))
+    assert_one_line_error(refused, "--overwrite", str(out))
     assert _snapshot(out) == before, "a refused run touched the earlier run's files"
 
     for name in mnist.FILES["test"]:
@@ -142,7 +138,7 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
                         check=False, timeout=120)
     if result.returncode == 0:
         pytest.skip("this machine has a GPU that TensorFlow can use")
-    _error_line(result, "--device cuda")
+    assert_one_line_error(result, "--device cuda")
     assert not (tmp_path / "config.json").exists(), "a failed start claimed the folder"
 
 
@@ -175,7 +171,7 @@ def test_corrupt_idx_file_is_one_clear_line(tmp_path):
     result = run_script(SCRIPT, "--data-dir", str(tmp_path / "data"), "--output-dir",
                         str(tmp_path / "out"), check=False, timeout=60,
                         env=script_env(DLSTUDY_MIRROR=str(tmp_path / "no_mirror")))
-    _error_line(result, "train-images-idx3-ubyte.gz")
+    assert_one_line_error(result, "train-images-idx3-ubyte.gz")
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
@@ -188,7 +184,7 @@ def test_corrupt_idx_file_is_one_clear_line(tmp_path):
 def test_bad_flag_values_exit_2_with_one_line(tmp_path, args, fragment):
     result = run_script(SCRIPT, "--smoke", "--output-dir", str(tmp_path), *args,
                         check=False, timeout=60)
-    _error_line(result, fragment)
+    assert_one_line_error(result, fragment)
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -214,15 +210,15 @@ def other_chapter_model(tmp_path_factory):
 def test_eval_only_rejects_missing_junk_and_non_mnist_models(tmp_path, other_chapter_model):
     result = run_script(SCRIPT, "--smoke", "--eval-only", "--model-path", str(tmp_path / "nope.keras"),
                         "--output-dir", str(tmp_path / "out0"), check=False, timeout=120)
-    _error_line(result, "nope.keras")
+    assert_one_line_error(result, "nope.keras")
     junk = tmp_path / "junk.keras"
     junk.write_text("not a model")
     result = run_script(SCRIPT, "--smoke", "--eval-only", "--model-path", str(junk),
                         "--output-dir", str(tmp_path / "out1"), check=False, timeout=120)
-    _error_line(result, "junk.keras", "not a .keras model archive")
+    assert_one_line_error(result, "junk.keras", "not a .keras model archive")
     result = run_script(SCRIPT, "--smoke", "--eval-only", "--model-path", str(other_chapter_model),
                         "--output-dir", str(tmp_path / "out2"), check=False, timeout=120)
-    _error_line(result, "fruit.keras", "is not an MNIST model")
+    assert_one_line_error(result, "fruit.keras", "is not an MNIST model")
 
 
 # --- predict.py ----------------------------------------------------------------------
@@ -262,10 +258,23 @@ def test_predict_refuses_other_models_and_blank_photos(smoke_run, tmp_path, othe
     Image.new("RGB", (64, 64), "white").save(blank)
     result = run_script(PREDICT, "--model-path", str(other_chapter_model), str(blank),
                         "--output-dir", str(tmp_path / "out"), check=False, timeout=60)
-    _error_line(result, "fruit.keras", "not an MNIST model")
+    assert_one_line_error(result, "fruit.keras", "not an MNIST model")
     result = run_script(PREDICT, "--model-path", str(output_dir / "model.keras"), str(blank),
                         "--output-dir", str(tmp_path / "out"), check=False, timeout=60)
-    _error_line(result, "blank.png", "no ink")
+    assert_one_line_error(result, "blank.png", "no ink")
+
+
+# --- network.py: known answers --------------------------------------------------------------
+
+
+def test_learning_rate_warms_up_from_zero_then_follows_a_cosine_to_zero():
+    # 10 epochs of 10 steps, 1 warm-up epoch, peak 0.2: 0 at the first step, half the peak
+    # half-way up, the peak when the warm-up ends (step 10), half the peak half-way down the
+    # cosine (step 10 + 90 / 2), and 0 at the end.
+    cfg = {"epochs": 10, "warmup_epochs": 1, "learning_rate": 0.2, "momentum": 0.9, "nesterov": True}
+    rates = keras_learning_rates("01_mnist", "network", "compile_for_training", cfg,
+                                 steps_per_epoch=10, steps=[0, 5, 10, 55, 100])
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.1, 0.0], rel=1e-6, abs=1e-9)
 
 
 # --- digits.py: a photo prepared the way MNIST was made ------------------------------------

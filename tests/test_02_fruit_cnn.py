@@ -4,38 +4,17 @@ from __future__ import annotations
 
 import ctypes.util
 import json
-import subprocess
-import sys
 import zipfile
 
 import pytest
 
-from tests.helpers import REPO, assert_one_line_error, run_chapter, run_script, script_env
+from tests.helpers import assert_one_line_error, run_chapter, run_script, run_without_test_reads
 
 SCRIPT = "02_fruit_cnn/train.py"
 PREDICT = "02_fruit_cnn/predict.py"
 CLASSES = ("apple", "banana", "orange", "mixed")
 # Keys that differ between two runs of the same config by nature, not by the numbers.
 RUN_FACTS = {"date", "train_seconds", "_wall_seconds"}
-
-# A wrapper that runs a script with every read of a file under a test_zip/ folder refused:
-# a --no-evaluate-test run must never open a test photo or its XML (writing the smoke data
-# is allowed). The audit hook sees every open() made by Python, Pillow and ElementTree.
-NO_TEST_READS = """
-import os, runpy, sys
-def guard(event, args):
-    if event == "open" and "test_zip" in str(args[0]):
-        mode, flags = args[1], args[2]
-        writing = any(c in (mode or "") for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR)
-        if not writing:
-            raise RuntimeError(f"a test file was read: {args[0]}")
-sys.addaudithook(guard)
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-runpy.run_path(script, run_name="__main__")
-"""
-
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
@@ -50,7 +29,8 @@ def test_smoke_run_writes_metrics_with_intervals_split_predictions_and_plots(smo
     for name in CLASSES:
         low, high = metrics[f"test_accuracy_{name}_ci95"]
         assert low <= metrics[f"test_accuracy_{name}"] <= high and metrics[f"test_num_{name}"] == 3
-    # A learning bar: chance is 0.25; 15 epochs on 32 drawn pictures fit well past it.
+    # A learning bar: chance is 0.25; 15 epochs on 32 drawn pictures fit well past it
+    # (measured at seeds 0-3: 0.84, 0.72, 0.63, 1.0).
     assert metrics["final_train_accuracy"] >= 0.5
     assert metrics["num_train"] == 32 and metrics["num_test"] == 12  # 8 / 3 per class
     assert metrics["device"] == "cpu" and metrics["tensorflow_version"] and metrics["keras_version"]
@@ -90,22 +70,18 @@ def test_a_finished_run_is_kept_unless_overwrite(tmp_path):
     assert not (out / "stale.png").exists() and (out / "model.keras").is_file()
 
 
-def run_without_test_reads(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", NO_TEST_READS, SCRIPT, *args], cwd=REPO,
-                          env=script_env(), capture_output=True, text=True, timeout=180)
-
-
 def test_tuning_run_never_reads_the_test_photos(tmp_path):
     out = tmp_path / "tune"
-    done = run_without_test_reads("--smoke", "--no-evaluate-test", "--epochs", "2",
-                                  "--output-dir", str(out))
+    done = run_without_test_reads(SCRIPT, "--smoke", "--no-evaluate-test", "--epochs", "2",
+                                  "--output-dir", out)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_test"] == 0 and not any(k.startswith("test_") for k in metrics)
     assert not (out / "confusion.png").exists() and not (out / "test_predictions.json").exists()
     assert json.loads((out / "split.json").read_text())["test"] == []
     # The guard works: the same wrapper stops a run that does score the test photos.
-    scored = run_without_test_reads("--smoke", "--epochs", "1", "--output-dir", str(tmp_path / "scored"))
+    scored = run_without_test_reads(SCRIPT, "--smoke", "--epochs", "1",
+                                    "--output-dir", tmp_path / "scored")
     assert scored.returncode != 0 and "a test file was read" in scored.stderr
 
 

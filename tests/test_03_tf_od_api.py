@@ -8,37 +8,25 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, assert_one_line_error, run_chapter, run_script, script_env
+from tests.helpers import (
+    REPO,
+    assert_one_line_error,
+    keras_learning_rates,
+    run_chapter,
+    run_python,
+    run_script,
+    script_env,
+)
 
+CHAPTER = "03_tf_od_api"
 TRAIN = "03_tf_od_api/train.py"
 MAKE = "03_tf_od_api/make_tfrecords.py"
 DETECT = "03_tf_od_api/detect.py"
 CLASSES = ("apple", "banana", "orange")
-
-
-def run_python(code: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run a snippet in a fresh Python with the chapter folder importable; fail with its output."""
-    code = f"import sys; sys.path.insert(0, {str(REPO / '03_tf_od_api')!r})\n" + textwrap.dedent(code)
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(), capture_output=True,
-                            text=True, timeout=timeout)
-    assert result.returncode == 0, f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-5000:]}"
-    return result
-
-
-def assert_last_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    """A user mistake found after TensorFlow loaded: TensorFlow's C++ start-up lines may come
-    first on stderr, then the one error line; exit 2 and no traceback."""
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and all(word in last for word in words), result.stderr
 
 
 def dump_records(folder) -> dict:
@@ -56,7 +44,7 @@ def dump_records(folder) -> dict:
                     "shape": list(ex["image"].shape)}}
                 for ex in records.read_records(path)}}
         print("JSON" + json.dumps(out))
-        """)
+        """, CHAPTER)
     line = next(line for line in result.stdout.splitlines() if line.startswith("JSON"))
     return json.loads(line[4:])
 
@@ -148,6 +136,17 @@ def test_bad_labelimg_file_is_one_line_naming_it(labelimg_folder, tmp_path, case
 # --- train.py ------------------------------------------------------------------------------
 
 
+def test_learning_rate_warms_up_from_a_hundredth_then_follows_a_cosine_to_a_hundredth():
+    # 10 epochs of 10 steps, 1 warm-up epoch, peak 0.001: 1% of the peak at the first step,
+    # the peak when the warm-up ends (step 10), half-way down the cosine (step 10 + 90 / 2)
+    # 0.01 + 0.99 / 2 of it, and 1% again at the end.
+    cfg = {"epochs": 10, "warmup_epochs": 1, "learning_rate": 0.001, "weight_decay": 0.05,
+           "grad_clip": 10.0}
+    rates = keras_learning_rates(CHAPTER, "model", "compile_detector", cfg,
+                                 steps_per_epoch=10, steps=[0, 10, 55, 100])
+    assert rates == pytest.approx([1e-5, 0.001, 0.001 * 0.505, 1e-5], rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("03") / "run"
@@ -217,7 +216,7 @@ def test_saved_model_matches_the_in_memory_model(smoke_run):
                 assert (out["classes"].numpy() == found["labels"][0, :n].numpy() + 1).all()
             boxes += n
         print("WORST", worst, boxes)
-        """)
+        """, CHAPTER)
     worst, boxes = result.stdout.split("WORST")[1].split()
     assert int(boxes) > 0 and float(worst) < 0.5
 
@@ -245,7 +244,7 @@ def test_coco_weights_offline_fail_fast_naming_weights_none(tmp_path):
                      NO_PROXY="", no_proxy="")
     result = run_script(TRAIN, "--smoke", "--weights", "coco", "--output-dir", tmp_path / "run",
                         env=env, check=False, timeout=120)
-    assert_last_line_error(result, "--weights none")
+    assert_one_line_error(result, "--weights none")
     assert result.seconds < 60
 
 
@@ -277,7 +276,7 @@ def test_detect_runs_the_saved_model_without_keras(smoke_run, tmp_path):
         sys.argv = {argv!r}
         runpy.run_path({str(REPO / DETECT)!r}, run_name="__main__")
         print("IMPORTED", sorted(m for m in sys.modules if m.split(".")[0] in ("keras", "keras_hub", "tf_keras")))
-        """)
+        """, CHAPTER)
     assert "IMPORTED []" in result.stdout
     lines = [line for line in result.stdout.splitlines() if line.startswith(str(photo))]
     assert lines, result.stdout

@@ -97,7 +97,7 @@ def test_pennfudan_roundtrip(tmp_path):
 
 
 def test_stratified_split_is_seeded_disjoint_and_stratified():
-    labels = ["a"] * 75 + ["b"] * 73 + ["c"] * 72 + ["m"] * 20
+    labels = ["a"] * 75 + ["b"] * 73 + ["c"] * 72 + ["m"] * 20  # the fruit set's 240 photos
     train, val = stratified_split(labels, 0.2, seed=0)
     _again_train, again_val = stratified_split(labels, 0.2, seed=0)
     _other_train, other_val = stratified_split(labels, 0.2, seed=1)
@@ -105,7 +105,7 @@ def test_stratified_split_is_seeded_disjoint_and_stratified():
     assert not np.array_equal(val, other_val)
     assert set(train).isdisjoint(val) and len(train) + len(val) == len(labels)
     counts = {k: sum(labels[i] == k for i in val) for k in "abcm"}
-    assert counts == {"a": 15, "b": 15, "c": 14, "m": 4}
+    assert counts == {"a": 15, "b": 15, "c": 14, "m": 4}  # the small "mixed" class keeps its share
     with pytest.raises(ValueError):
         stratified_split(labels, 1.5, seed=0)
 
