@@ -22,12 +22,24 @@ How to run:
         --output-dir runs/04_semantic_bg-composite-own  # offline: the model train.py made
     python 04_semantic_bg/composite.py --smoke          # synthetic photos, untrained model
 
+How sure the model is: the summary line and metrics.json give the *uncertain share*, the
+share of the pixels the matte keeps at all (person probability above --matte-low) that it
+keeps only in part (below --matte-high): a sure prediction keeps it to a thin band along
+the outline. When the share is above --max-uncertain, or the person covers less than
+--small-person of the photo (or nearly all of it), one line on stderr says that the photo
+looks out of the model's range, and why (metrics.json: out_of_range,
+out_of_range_reasons). The composites are written all the same, since only the user can
+judge them, but never silently. A person below --min-person is "no person found": an
+error (exit 2), with only the mask written. An untrained model (--weights random) gets no
+range check.
+
 A folder that holds an earlier composite is refused unless --overwrite. --device auto
 uses a CUDA GPU when torch sees one; --num-threads 0 uses all CPU cores.
 
 Outputs in --output-dir: composite_<mode>.jpg, mask.png (the alpha matte), figure.png
-(mask | person cut out | background with the person's hole), metrics.json (with the
-device and library versions), config.json.
+(mask | person cut out | background with the person's hole), metrics.json (the person
+share, the uncertain share and the range verdict, with the device and library versions),
+config.json.
 
 What to expect (measured on 2 CPU cores, a PennFudanPed photo resized to 1920x1080,
 --mode replace; seconds from reading the photos to the last file written, after the
@@ -42,6 +54,7 @@ the weights do not change the time.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +71,7 @@ from data.outputs import atomic_path, plot_image_grid, prepare_output_dir, run_f
 # its own folder) the run of train.py
 CHAPTER = "04_semantic_bg-composite"
 CONFIG_PATH = Path(__file__).with_name("composite.toml")
+ALL_PERSON = 0.95  # a person share above this leaves no background to replace: out of range
 
 # --- Config -------------------------------------------------------------------------
 
@@ -75,6 +89,8 @@ def check_config(cfg: dict) -> tuple[str, ...]:
     require(cfg["num_threads"] >= 0, f"--num-threads must be 0 (all cores) or more, got {cfg['num_threads']}")
     require(cfg["device"] in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
     require(1 <= cfg["jpeg_quality"] <= 100, f"--jpeg-quality must be in 1..100, got {cfg['jpeg_quality']}")
+    require(0.0 <= cfg["max_uncertain"] <= 1.0, f"--max-uncertain is a share in [0, 1], got {cfg['max_uncertain']}")
+    require(0.0 <= cfg["small_person"] < 1.0, f"--small-person is a share in [0, 1), got {cfg['small_person']}")
     require(bool(cfg["weights"]), "--weights must be coco, random or a .pt file from train.py")
     require(cfg["weights"] in ("coco", "random") or Path(cfg["weights"]).is_file(),
             f"weights file not found: {cfg['weights']} (--weights takes coco, random or a .pt from train.py)")
@@ -139,6 +155,33 @@ def read_inputs(cfg: dict, modes: tuple[str, ...], smoke: bool, output_dir: Path
     return read_rgb(cfg["foreground"]), read_rgb(cfg["background"]) if "replace" in modes else None
 
 
+def range_check(person_fraction: float, uncertain: float, cfg: dict) -> list[str] | None:
+    """Why the photo looks out of the model's range ([] if it does not); None for an
+    untrained model (--weights random), which has no range to judge by."""
+    if cfg["weights"] == "random":
+        return None
+    reasons = []
+    if uncertain > cfg["max_uncertain"]:
+        reasons.append(f"the model is unsure of {uncertain:.0%} of what it calls person "
+                       f"(--max-uncertain {cfg['max_uncertain']})")
+    if person_fraction < cfg["small_person"]:
+        reasons.append(f"the person covers only {person_fraction:.1%} of the photo "
+                       f"(--small-person {cfg['small_person']})")
+    if person_fraction > ALL_PERSON:
+        reasons.append(f"the model calls {person_fraction:.0%} of the photo person, leaving no background")
+    return reasons
+
+
+def write_composites(cfg: dict, modes: tuple[str, ...], foreground: np.ndarray,
+                     background: np.ndarray | None, alpha: np.ndarray, output_dir: Path) -> None:
+    height, width = alpha.shape
+    for mode in modes:
+        image = matting.composite(foreground, alpha, mode, background,
+                                  blur_sigma=cfg["blur"] * max(height, width))
+        write_image(output_dir / f"composite_{mode}.{cfg['output_format']}", image, cfg["jpeg_quality"])
+    save_figure(output_dir / "figure.png", foreground, alpha)
+
+
 def main(argv=None) -> dict:
     parser = ChapterParser(__doc__, CONFIG_PATH, CHAPTER)
     cfg, args = parser.parse_config(argv)
@@ -164,24 +207,29 @@ def main(argv=None) -> dict:
                                cfg["refine"], feather=cfg["feather"] * max(height, width))
     mask_path = write_image(output_dir / "mask.png", np.round(alpha * 255).astype(np.uint8))
     person_fraction = float((alpha > 0.5).mean())
+    uncertain = matting.uncertain_share(probability, cfg["matte_low"], cfg["matte_high"])
     metrics = {"model": description, "working_size": working_size, "width": width, "height": height,
                "person_fraction": person_fraction, "max_person_probability": float(probability.max()),
-               "segment_seconds": segment_seconds,
+               "uncertain_share": uncertain, "segment_seconds": segment_seconds,
                **run_facts(("torch", "torchvision"), device=device.type,
                            device_name=segmenters.device_name(device))}
     if person_fraction < cfg["min_person"] and cfg["weights"] != "random":  # untrained: no verdict
         write_json(output_dir / "metrics.json", {**metrics, "person_found": False})
         raise UserError(f"no person found in {cfg['foreground']} (highest person probability "
                         f"{probability.max():.2f}); the mask was written to {mask_path}")
-    for mode in modes:
-        image = matting.composite(foreground, alpha, mode, background,
-                                  blur_sigma=cfg["blur"] * max(height, width))
-        write_image(output_dir / f"composite_{mode}.{cfg['output_format']}", image, cfg["jpeg_quality"])
-    save_figure(output_dir / "figure.png", foreground, alpha)
+    write_composites(cfg, modes, foreground, background, alpha, output_dir)
     seconds = read_seconds + time.monotonic() - start
-    write_json(output_dir / "metrics.json", {**metrics, "person_found": True, "seconds": seconds})
+    reasons = range_check(person_fraction, uncertain, cfg)
+    metrics.update(person_found=True, seconds=seconds, out_of_range=None if reasons is None else bool(reasons),
+                   out_of_range_reasons=reasons or [])
+    write_json(output_dir / "metrics.json", metrics)
+    if reasons:  # written all the same: the user judges the composite, told what to look for
+        print(f"warning: {cfg['foreground']} looks out of this model's range: {'; '.join(reasons)}. "
+              "The composites were written; check them (a COCO model, --weights coco, covers "
+              "portraits and close-ups)", file=sys.stderr, flush=True)
     print(f"{description} at {working_size} px: person in {person_fraction:.1%} of "
-          f"{width}x{height}; {', '.join(modes)} written in {seconds:.2f} s -> {output_dir}")
+          f"{width}x{height}, uncertain share {uncertain:.0%}; {', '.join(modes)} written in "
+          f"{seconds:.2f} s -> {output_dir}")
     return metrics
 
 

@@ -155,6 +155,16 @@ def composite(foreground: np.ndarray, alpha: np.ndarray, mode: str,
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def uncertain_share(probability: np.ndarray, low: float = 0.3, high: float = 0.7) -> float:
+    """How unsure the model is of the person it found: of the pixels above `low` (those the
+    matte keeps at all), the share below `high` (only partly kept: the matte's soft band).
+    A sure prediction keeps this to its outline's band; a photo unlike the training photos
+    leaves wide areas in between. 0.0 when no pixel is above `low`."""
+    kept = probability > low
+    count = int(kept.sum())
+    return float((kept & (probability < high)).sum() / count) if count else 0.0
+
+
 def cutouts(foreground: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The study's figure panels: the person on black, and the background with the hole."""
     a = alpha.astype(np.float32)[:, :, None]

@@ -7,7 +7,12 @@
   of the predicted outline lies within `tolerance` px of the true one, and vice versa.
 
 Their 95% intervals resample the *photos* (a seeded bootstrap): pixels of one photo are
-far from independent, so a Wilson interval over pixels would be much too narrow.
+far from independent, so a Wilson interval over pixels would be much too narrow. The
+close-ups of one photo share its people and its light, so their interval resamples the
+source photos, each with all its close-ups (`grouped_iou_ci95`).
+
+Each photo also keeps its *uncertain share* (matting.uncertain_share: of the pixels the
+model gives any chance of person, the share it is unsure of), what composite.py reports.
 """
 
 from __future__ import annotations
@@ -51,16 +56,19 @@ class PhotoScore:
     correct: int
     pixels: int
     boundary_f1: float
+    uncertain_share: float = 0.0
 
     @property
     def iou(self) -> float:
         return self.intersection / self.union if self.union else 1.0
 
 
-def score_photo(predicted: np.ndarray, truth: np.ndarray, tolerance: float) -> PhotoScore:
+def score_photo(predicted: np.ndarray, truth: np.ndarray, tolerance: float,
+                uncertain_share: float = 0.0) -> PhotoScore:
     return PhotoScore(intersection=int((predicted & truth).sum()), union=int((predicted | truth).sum()),
                       correct=int((predicted == truth).sum()), pixels=truth.size,
-                      boundary_f1=boundary_f1(predicted, truth, tolerance))
+                      boundary_f1=boundary_f1(predicted, truth, tolerance),
+                      uncertain_share=uncertain_share)
 
 
 @dataclass
@@ -92,3 +100,15 @@ class Scores:
                                                      [p.pixels for p in self.photos], reps, seed),
             "boundary_f1_ci95": bootstrap_ci95(lambda idx: float(f1[idx].mean()), len(f1), reps, seed),
         }
+
+
+def grouped_iou_ci95(photos: list[PhotoScore], groups: list[str], reps: int = 1000,
+                     seed: int = 0) -> list[float]:
+    """95% bootstrap interval of the pooled IoU, resampling whole groups (the close-ups cut
+    from one photo) rather than single items, which are not independent of each other."""
+    names = sorted(set(groups))
+    intersections, unions = np.zeros(len(names)), np.zeros(len(names))
+    for photo, group in zip(photos, groups, strict=True):
+        intersections[names.index(group)] += photo.intersection
+        unions[names.index(group)] += photo.union
+    return pooled_ratio_ci95(intersections, unions, reps, seed)

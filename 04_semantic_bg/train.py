@@ -9,65 +9,86 @@ judged by: person IoU and pixel accuracy pooled over every test pixel at the pho
 resolution, and boundary F1 (how much of the predicted outline lies within 3 px of the
 true one, and vice versa).
 
+PennFudanPed holds small, full-body pedestrians; the photos people composite are portraits.
+So the model is also measured, and trained, on close-ups cut from the same photos
+(closeups.py): the close-up measure frames each test person head to waist and head to
+knees, as a phone portrait (close_up_iou); training mixes in zooms where person pixels fill
+30-90% of the frame (--closeup-fraction) and views with no person at all
+(--negative-fraction), so that "no person" is learned too. The epoch kept is the one with
+the best mean of the val person IoU and the val close-up IoU.
+
 How to run:
-    python 04_semantic_bg/train.py                      # from scratch (--weights none), ~35 min on 2 CPU cores
+    python 04_semantic_bg/train.py                      # from scratch (--weights none); on 2 CPU
+                                                        # cores at most --time-limit-minutes 44
     python 04_semantic_bg/train.py --device cuda --output-dir runs/04_semantic_bg-gpu   # on a GPU
     python 04_semantic_bg/train.py --weights coco --model lraspp_mobilenet_v3_large \
         --learning-rate 0.0005 --epochs 30 --output-dir runs/04_semantic_bg-lraspp   # fine-tune (COCO download)
-    python 04_semantic_bg/train.py --no-evaluate-test --copy-paste 0 \
+    python 04_semantic_bg/train.py --no-evaluate-test --closeup-fraction 0 \
         --output-dir runs/04_semantic_bg-tune           # a tuning run: the test photos are never read
+    python 04_semantic_bg/evaluate.py --run-dir runs/04_semantic_bg-tune --split test \
+        --output-dir runs/04_semantic_bg-tune-test      # ...its test photos scored once, afterwards
     python 04_semantic_bg/train.py --smoke              # synthetic photos, ~35 s on 2 cores
 
 The 170 photos are split (seeded; --val-fraction, --test-fraction) 120 train / 20 val /
-30 test, and split.json names them; the epoch with the best val IoU is kept and measured
-once on test. An earlier run in --output-dir is refused unless --overwrite. Outputs in
---output-dir: model.pt (load it with composite.py --weights PATH), metrics.json (test
-figures with bootstrap 95% intervals over the test photos, val figures, the machine and
-library versions), config.json, split.json, curves.png, predictions.png.
+30 test, and split.json names them; the best epoch is measured once on test. Training
+stops early when --time-limit-minutes runs out (metrics.json: epochs_run). An earlier run
+in --output-dir is refused unless --overwrite. Outputs in --output-dir: model.pt (load it
+with composite.py --weights PATH), metrics.json (test figures with bootstrap 95% intervals
+over the test photos, val figures, the machine and library versions), config.json,
+split.json, curves.png, predictions.png, close_ups.png (test close-ups), per_photo.json
+(IoU and uncertain share of each test photo and close-up: what composite.py's
+--max-uncertain is checked against).
 
-This file holds the config, the data and its augmentation, and main(); the training loop
-is in training.py, the scores in scoring.py, the models and inference in segmenters.py.
+This file holds the config, the split and the augmentation, and main(); the photos as they
+are loaded, scored and drawn are in photos.py (shared with evaluate.py, which scores a saved
+model.pt on its run's val or test photos afterwards: a --no-evaluate-test run's test set, say),
+the close-up crops in closeups.py, the training loop in training.py, the scores in
+scoring.py, the models and inference in segmenters.py.
 
 Where it runs: --device auto takes a CUDA GPU when torch sees one (with bf16 autocast,
 --no-mixed-precision to turn it off), else the CPU, with --num-threads 0 = all cores. On
 the CPU a seed gives the same figures run after run (--deterministic); a GPU run varies a
 little (see segmenters.start_torch).
 
-What to expect (measured on 2 shared CPU cores, seed 0):
+What to expect (measured on 2 shared CPU cores, seed 0), before the close-up measure and
+the close-up and no-person training views were added:
     python 04_semantic_bg/train.py --data-dir /tmp/dd
     -> test person IoU 0.779, pixel accuracy 0.952, boundary F1 0.740 (3 px);
        val IoU 0.804 (best epoch 180 of 200); 2.1M parameters; train_seconds 2061
        (34 min; this run shared the CPU for its first 10 min; measured before the
        intervals were added).
-    On a GPU (one NVIDIA H200, bf16 autocast, torch 2.11), same default config:
+    On a GPU (one NVIDIA H200, bf16 autocast, torch 2.11), same config as then:
     python 04_semantic_bg/train.py --weights none --device cuda --num-threads 6 --output-dir runs/04_semantic_bg-gpu
     -> test person IoU 0.767 (95% interval 0.698-0.826, a bootstrap over the 30 test
        photos), pixel accuracy 0.948, boundary F1 0.732; val IoU 0.800 (epoch 190);
        188 s of training. The CPU run's 0.779 lies inside that interval.
+    With the close-up and no-person views (the default config now), 2 CPU cores:
+    python 04_semantic_bg/train.py --data-dir /tmp/dd --no-evaluate-test --output-dir runs/04_semantic_bg-closeups
+    python 04_semantic_bg/evaluate.py --run-dir runs/04_semantic_bg-closeups --split test \
+        --data-dir /tmp/dd --output-dir runs/04_semantic_bg-closeups-test
+    -> val person IoU 0.675, val close-up IoU 0.738 (best epoch 190 of 200), train_seconds
+       2174 (36 min; the first 5 min shared the CPU); test close_up_iou 0.727 (95% interval
+       0.693-0.766, 142 close-ups of the 30 test photos), test person_iou 0.645
+       (0.564-0.722). The same run with --closeup-fraction 0 --negative-fraction 0, stopped
+       at epoch 125: val person IoU 0.789, val close-up IoU 0.517. Close-ups are learned at
+       the cost of the street photos, within this time budget.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
 
+import closeups  # the chapter's own modules sit beside this script
 import cv2
 import numpy as np
-from matting import fit_longest_side  # the chapter's own modules sit beside this script
-from tqdm import tqdm
+from photos import Cutout, Photo, load_close_ups, load_photos, photo_rows, save_grids, set_figures
 
 from data.cli import ChapterParser, require, run_main, seed_everything
-from data.outputs import (
-    plot_curves,
-    plot_image_grid,
-    prepare_output_dir,
-    run_facts,
-    write_json,
-    write_split,
-)
+from data.outputs import plot_curves, prepare_output_dir, run_facts, write_json, write_split
 from data.pennfudan import PedRecord, load_pennfudan
 from data.synthetic import write_pennfudan
 
@@ -98,52 +119,18 @@ def check_config(cfg: dict) -> None:
     require(cfg["batch_size"] % 2 == 0, f"--batch-size must be even, got {cfg['batch_size']}")
     require(cfg["learning_rate"] > 0, f"--learning-rate must be positive, got {cfg['learning_rate']}")
     require(cfg["weight_decay"] >= 0, f"--weight-decay must be at least 0, got {cfg['weight_decay']}")
+    for key in ("closeup_fraction", "negative_fraction"):
+        require(0.0 <= cfg[key] <= 1.0, f"--{key.replace('_', '-')} is a share of the views in [0, 1]")
+    require(cfg["closeup_fraction"] + cfg["negative_fraction"] <= 1.0,
+            "--closeup-fraction + --negative-fraction must be at most 1 (the rest are whole-scene views)")
+    require(0 < cfg["closeup_share_min"] <= cfg["closeup_share_max"] < 1,
+            "need 0 < --closeup-share-min <= --closeup-share-max < 1")
+    require(cfg["closeup_min_height"] >= 16, f"--closeup-min-height must be at least 16 px, got "
+            f"{cfg['closeup_min_height']}")
+    require(cfg["time_limit_minutes"] >= 0, "--time-limit-minutes must be 0 (no limit) or more")
 
 
-# --- Data ---------------------------------------------------------------------------
-
-
-class Cutout(NamedTuple):
-    """One person cut out of a training photo, for copy-paste augmentation."""
-
-    patch: np.ndarray  # (h, w, 3) uint8: the person's bounding box
-    mask: np.ndarray   # (h, w) uint8 0/1: which of its pixels are the person
-
-
-@dataclass
-class Photo:
-    """One photo at the working resolution, plus its full-resolution mask for scoring."""
-
-    name: str
-    image: np.ndarray         # (h, w, 3) uint8, longest side = image_size
-    mask: np.ndarray          # (h, w) uint8 0/1
-    full_mask: np.ndarray     # (H, W) bool at the photo's own size
-    people: list[Cutout] = field(default_factory=list)
-
-
-def shrink_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Area-average, then threshold: the fair small version of a mask (not nearest-pixel)."""
-    return cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0.5
-
-
-def load_photos(records, image_size: int) -> list[Photo]:
-    """Read and resize every photo once: epochs then cost no disk or decode time."""
-    photos = []
-    for record in tqdm(records, desc="loading", leave=False):
-        image, instances = record.image(), record.instance_masks()
-        height, width = fit_longest_side(*image.shape[:2], image_size)
-        small = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-        people = []
-        for instance in instances:
-            person = shrink_mask(instance, (width, height))
-            ys, xs = np.nonzero(person)
-            if len(ys) >= 64:  # skip slivers: tiny, cut-off people paste as noise
-                box = np.s_[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-                people.append(Cutout(small[box].copy(), person[box].astype(np.uint8)))
-        full = record.person_mask()
-        photos.append(Photo(record.image_path.stem, small, shrink_mask(full, (width, height)).astype(np.uint8),
-                            full, people))
-    return photos
+# --- Data: the photos themselves (Photo, load_photos, load_close_ups) are in photos.py ---
 
 
 @dataclass
@@ -198,19 +185,13 @@ def paste_people(image: np.ndarray, mask: np.ndarray, donors: list[Cutout], rng)
         mask[region] |= patch_mask
 
 
-def random_view(photo: Photo, donors: list[Cutout], cfg: dict, rng) -> tuple[np.ndarray, np.ndarray]:
-    """One augmented training crop (crop_size^2): paste, zoom, tilt, shift, flip, colors."""
-    image, mask = photo.image.copy(), photo.mask.copy()
-    if donors and rng.random() < cfg["copy_paste"]:
-        paste_people(image, mask, donors, rng)
-    height, width = mask.shape
-    crop, scale = cfg["crop_size"], rng.uniform(cfg["scale_min"], cfg["scale_max"])
-    half = crop / 2 / scale  # half the crop's side, in source pixels
-    center_x = rng.uniform(min(half, width / 2), max(width - half, width / 2))
-    center_y = rng.uniform(min(half, height / 2), max(height - half, height / 2))
-    matrix = cv2.getRotationMatrix2D((center_x, center_y),
-                                     rng.uniform(-cfg["rotate_degrees"], cfg["rotate_degrees"]), scale)
-    matrix[:, 2] += (crop / 2 - center_x, crop / 2 - center_y)
+def warp_view(image: np.ndarray, mask: np.ndarray, center: tuple[float, float], scale: float, cfg: dict,
+              rng) -> tuple[np.ndarray, np.ndarray]:
+    """The crop_size^2 view of `image` around `center` (x, y) at `scale`: tilted, maybe
+    mirrored, recolored; the mask follows every step but the colors."""
+    crop = cfg["crop_size"]
+    matrix = cv2.getRotationMatrix2D(center, rng.uniform(-cfg["rotate_degrees"], cfg["rotate_degrees"]), scale)
+    matrix[:, 2] += (crop / 2 - center[0], crop / 2 - center[1])
     # reflecting the border, to the image and the mask alike, keeps the labels true
     image = cv2.warpAffine(image, matrix, (crop, crop), flags=cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REFLECT_101)
@@ -219,6 +200,57 @@ def random_view(photo: Photo, donors: list[Cutout], cfg: dict, rng) -> tuple[np.
     if rng.random() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
     return jitter_colors(image, cfg["color_jitter"], rng), np.ascontiguousarray(mask)
+
+
+def scene_view(photo: Photo, donors: list[Cutout], cfg: dict, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A view of the street scene: paste people, then zoom (scale_min..scale_max) and shift."""
+    image, mask = photo.image.copy(), photo.mask.copy()
+    if donors and rng.random() < cfg["copy_paste"]:
+        paste_people(image, mask, donors, rng)
+    height, width = mask.shape
+    scale = rng.uniform(cfg["scale_min"], cfg["scale_max"])
+    half = cfg["crop_size"] / 2 / scale  # half the crop's side, in source pixels
+    center_x = rng.uniform(min(half, width / 2), max(width - half, width / 2))
+    center_y = rng.uniform(min(half, height / 2), max(height - half, height / 2))
+    return warp_view(image, mask, (center_x, center_y), scale, cfg, rng)
+
+
+def close_up_view(photo: Photo, cfg: dict, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A zoom on one person, cut from the full-size photo: person pixels fill a share of the
+    frame drawn from closeup_share_min..closeup_share_max (closeups.closeup_window)."""
+    box = photo.boxes[int(rng.integers(len(photo.boxes)))]
+    share = rng.uniform(cfg["closeup_share_min"], cfg["closeup_share_max"])
+    top, left, side = closeups.closeup_window(photo.full_mask, box, share, rng)
+    return warp_view(photo.full_image, photo.full_mask.astype(np.uint8), (left + side / 2, top + side / 2),
+                     cfg["crop_size"] / side, cfg, rng)
+
+
+def empty_view(photo: Photo, cfg: dict, rng) -> tuple[np.ndarray, np.ndarray] | None:
+    """A view with no person pixel, cut from the full-size photo; None if none was found.
+    The view keeps to the middle of an empty window, so that even tilted by rotate_degrees
+    it never reaches past it: a square tilted by t spans cos(t) + sin(t) times its side."""
+    shortest = min(photo.full_mask.shape)
+    window = closeups.empty_window(photo.full_mask, (0.2 * shortest, 0.7 * shortest), rng)
+    if window is None:
+        return None
+    top, left, side = window
+    tilt = math.radians(min(abs(cfg["rotate_degrees"]), 45))
+    reach = math.cos(tilt) + math.sin(tilt)
+    return warp_view(photo.full_image, photo.full_mask.astype(np.uint8), (left + side / 2, top + side / 2),
+                     reach * cfg["crop_size"] / side, cfg, rng)
+
+
+def random_view(photo: Photo, donors: list[Cutout], cfg: dict, rng) -> tuple[np.ndarray, np.ndarray]:
+    """One augmented training view (crop_size^2): with chance negative_fraction one with no
+    person, with chance closeup_fraction a close-up, else the street scene. A photo with no
+    empty window, or no person tall enough for a close-up, gives a scene view instead."""
+    draw = rng.random()
+    view = None
+    if draw < cfg["negative_fraction"]:
+        view = empty_view(photo, cfg, rng)
+    elif draw < cfg["negative_fraction"] + cfg["closeup_fraction"] and photo.boxes:
+        view = close_up_view(photo, cfg, rng)
+    return view if view is not None else scene_view(photo, donors, cfg, rng)
 
 
 def view_maker(train_set: list[Photo], cfg: dict, rng) -> Callable[[np.ndarray], tuple]:
@@ -244,47 +276,62 @@ def jitter_colors(image: np.ndarray, strength: float, rng) -> np.ndarray:
 # --- Save ---------------------------------------------------------------------------
 
 
-def overlay(photo: Photo, predicted: np.ndarray) -> np.ndarray:
-    """Green: person found; red: background called person; blue: person missed."""
-    height, width = photo.mask.shape
-    predicted = cv2.resize(predicted.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
-    truth = photo.mask > 0
-    out = photo.image.astype(np.float32)
-    for where, color in ((predicted & truth, (0, 200, 0)), (predicted & ~truth, (230, 0, 0)),
-                         (~predicted & truth, (0, 90, 255))):
-        out[where] = 0.5 * out[where] + 0.5 * np.array(color, np.float32)
-    return out.astype(np.uint8)
+@dataclass
+class Sets:
+    """Every set of photos of a run; the test ones are None with --no-evaluate-test."""
+
+    train: list[Photo]
+    val: list[Photo]
+    val_close_ups: list[Photo]
+    test: list[Photo] | None = None
+    test_close_ups: list[Photo] | None = None
+
+    def measured(self) -> dict[str, list[Photo]]:
+        """The sets scored after training, by name (train is not)."""
+        return {name: photos for name, photos in vars(self).items() if name != "train" and photos is not None}
 
 
-def save_predictions(photos: list[Photo], masks: list[np.ndarray], path: Path, part: str = "test") -> None:
-    images, titles = [], []
-    for photo, predicted in zip(photos, masks, strict=True):
-        union = (predicted | photo.full_mask).sum()
-        iou = (predicted & photo.full_mask).sum() / union if union else 1.0
-        images.append(overlay(photo, predicted))
-        titles.append(f"{photo.name} IoU {iou:.2f}")
-    plot_image_grid(images, titles, path, columns=4, cell=2.6,
-                    title=f"{part} predictions: green hit, red false person, blue missed")
+def load_sets(split: Split, cfg: dict) -> Sets:
+    size, tall = cfg["image_size"], cfg["closeup_min_height"]
+    sets = Sets(load_photos(split.train, size, tall, train=True), load_photos(split.val, size),
+                load_close_ups(split.val, size, tall))
+    # --no-evaluate-test: the test photos are never read, so no choice can lean on them
+    if cfg["evaluate_test"]:
+        sets.test, sets.test_close_ups = load_photos(split.test, size), load_close_ups(split.test, size, tall)
+    for part, close_ups in (("val", sets.val_close_ups), ("test", sets.test_close_ups)):
+        require(close_ups is None or len(close_ups) > 0,
+                f"no person in the {len(getattr(split, part))} {part} photos can be framed for a close-up "
+                f"(at least --closeup-min-height {tall} px tall, clear of the border); lower "
+                "--closeup-min-height")
+    return sets
 
 
-def chapter_metrics(test, val, best, train_seconds: float, split: Split) -> dict:
+def chapter_metrics(scores: dict, sets: Sets, best, epochs_run: int, train_seconds: float) -> dict:
     """The figures of the run: test (with 95% intervals) unless --no-evaluate-test, then val."""
     metrics = {}
-    if test is not None:
-        metrics = {"person_iou": test.iou, "pixel_accuracy": test.pixel_accuracy,
-                   "boundary_f1": test.boundary_f1, **test.intervals()}
-    return {**metrics, "val_person_iou": val.iou, "val_pixel_accuracy": val.pixel_accuracy,
-            "val_boundary_f1": val.boundary_f1, "best_epoch": best.epoch, "train_seconds": train_seconds,
-            "num_train": len(split.train), "num_val": len(split.val),
-            "num_test": len(split.test) if test is not None else 0}
+    if "test" in scores:
+        metrics = set_figures(scores["test"], scores["test_close_ups"], sets.test_close_ups)
+    val = scores["val"]
+    return {**metrics, "val_person_iou": val.iou, "val_close_up_iou": scores["val_close_ups"].iou,
+            "val_pixel_accuracy": val.pixel_accuracy, "val_boundary_f1": val.boundary_f1,
+            "best_epoch": best.epoch, "epochs_run": epochs_run, "train_seconds": train_seconds,
+            "num_train": len(sets.train), "num_val": len(sets.val), "num_test": len(sets.test or []),
+            "num_val_close_ups": len(sets.val_close_ups), "num_test_close_ups": len(sets.test_close_ups or [])}
 
 
-def save_plots(history, shown: list[Photo], masks: list[np.ndarray], part: str, output_dir: Path,
-               cfg: dict) -> None:
+def per_photo(scores: dict, sets: Sets) -> dict[str, list[dict]]:
+    """IoU and uncertain share of every photo and close-up scored after training."""
+    return {part: photo_rows(photos, scores[part]) for part, photos in sets.measured().items()}
+
+
+def save_plots(history, scores: dict, sets: Sets, output_dir: Path, cfg: dict) -> None:
+    """curves.png, and predictions.png and close_ups.png of the test photos (val with
+    --no-evaluate-test); the close-ups shown are spread over the whole set."""
     plot_curves(asdict(history), output_dir / "curves.png",
                 xlabel=f"validation pass (every {cfg['eval_every']} epochs)")
-    count = min(cfg["grid_images"], len(shown))
-    save_predictions(shown[:count], masks[:count], output_dir / "predictions.png", part)
+    part = "test" if sets.test is not None else "val"
+    save_grids(getattr(sets, part), scores[part], getattr(sets, f"{part}_close_ups"), scores[f"{part}_close_ups"],
+               output_dir, part, cfg["grid_images"])
 
 
 def main(argv=None) -> dict:
@@ -299,35 +346,36 @@ def main(argv=None) -> dict:
     records = read_records(args.data_dir, args.smoke, output_dir, cfg)
     split = split_records(records, cfg["val_fraction"], cfg["test_fraction"], cfg["seed"])
     write_split(output_dir, split.names())
-    train_set, val_set = load_photos(split.train, cfg["image_size"]), load_photos(split.val, cfg["image_size"])
-    # --no-evaluate-test: the test photos are never read, so no choice can lean on them
-    test_set = load_photos(split.test, cfg["image_size"]) if cfg["evaluate_test"] else None
+    sets = load_sets(split, cfg)
     model, model_kwargs = training.make_model(cfg, device)
-    fit = training.make_fit(model, cfg, len(train_set), device)
+    fit = training.make_fit(model, cfg, len(sets.train), device)
     print(f"{cfg['model']} ({cfg['weights']}) on {device.type}{' (bf16 autocast)' if fit.mixed_precision else ''}: "
           f"{segmenters.count_parameters(model) / 1e6:.2f}M parameters; {len(split.train)} train / "
-          f"{len(split.val)} val / {len(split.test)} test photos", flush=True)
+          f"{len(split.val)} val / {len(split.test)} test photos; {len(sets.val_close_ups)} val close-ups",
+          flush=True)
 
     start = time.monotonic()
     rng = np.random.default_rng(cfg["seed"])
-    history, best = training.train(fit, len(train_set), view_maker(train_set, cfg, rng), val_set, cfg, rng)
+    history, best, epochs_run = training.train(fit, len(sets.train), view_maker(sets.train, cfg, rng),
+                                               (sets.val, sets.val_close_ups), cfg, rng)
     train_seconds = time.monotonic() - start
-    val = training.evaluate(model, val_set, cfg, device, keep_masks=test_set is None)
-    test = training.evaluate(model, test_set, cfg, device, keep_masks=True) if test_set is not None else None
+    scores = {part: training.evaluate(model, photos, cfg, device, keep_masks=True)
+              for part, photos in sets.measured().items()}
 
     segmenters.save_checkpoint(output_dir / "model.pt", model, cfg["model"], num_classes=2, person_class=1,
                                image_size=cfg["image_size"], model_kwargs=model_kwargs, config=cfg,
                                best_epoch=best.epoch)
-    metrics = {**chapter_metrics(test, val, best, train_seconds, split),
+    metrics = {**chapter_metrics(scores, sets, best, epochs_run, train_seconds),
                "parameters": segmenters.count_parameters(model), "mixed_precision": fit.mixed_precision,
                **run_facts(("torch", "torchvision"), device=device.type,
                            device_name=segmenters.device_name(device))}
     write_json(output_dir / "metrics.json", metrics)
-    shown, scores, part = (test_set, test, "test") if test is not None else (val_set, val, "val")
-    save_plots(history, shown, scores.masks, part, output_dir, cfg)
-    print(f"{part} person IoU {scores.iou:.4f}  pixel accuracy {scores.pixel_accuracy:.4f}  "
-          f"boundary F1 {scores.boundary_f1:.4f}  (val IoU {val.iou:.4f}, best epoch "
-          f"{best.epoch}, {train_seconds:.0f} s) -> {output_dir}")
+    write_json(output_dir / "per_photo.json", per_photo(scores, sets))
+    save_plots(history, scores, sets, output_dir, cfg)
+    part = "test" if sets.test is not None else "val"
+    print(f"{part} person IoU {scores[part].iou:.4f}  close-up IoU {scores[f'{part}_close_ups'].iou:.4f}  "
+          f"pixel accuracy {scores[part].pixel_accuracy:.4f}  boundary F1 {scores[part].boundary_f1:.4f}  "
+          f"(best epoch {best.epoch} of {epochs_run}, {train_seconds:.0f} s) -> {output_dir}")
     return metrics
 
 

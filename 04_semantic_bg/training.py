@@ -2,21 +2,24 @@
 
 One job per function: `make_schedule` (AdamW, linear warm-up, cosine decay), `train_step`
 (one batch), `run_epoch` (one pass over the shuffled training photos), `evaluate` (pooled
-scores of a set of photos), and `train`, which strings them together and keeps the state
-of the epoch with the best validation IoU. train.py imports this module after parsing its
-flags, so `--help` never waits for torch.
+scores of a set of photos), `validate` (the whole val photos and their close-ups), and
+`train`, which strings them together and keeps the state of the epoch with the best
+`selection_score`. train.py imports this module after parsing its flags, so `--help`
+never waits for torch.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scoring import Scores, score_photo  # the chapter's own modules sit beside this one
+from matting import uncertain_share  # the chapter's own modules sit beside this one
+from scoring import Scores, score_photo
 from segmenters import build_model, prepare_model, probability_at_size, to_device, to_tensor
 from torch import nn
 from tqdm import tqdm
@@ -99,25 +102,34 @@ class History:
     iou: list[float] = field(default_factory=list)
     val_iou: list[float] = field(default_factory=list)
     val_boundary_f1: list[float] = field(default_factory=list)
+    val_close_up_iou: list[float] = field(default_factory=list)
 
-    def add(self, running: Running, val: Scores) -> None:
+    def add(self, running: Running, val: Scores, close_ups: Scores) -> None:
         self.loss.append(running.loss / max(running.batches, 1))
         self.iou.append(running.intersection / max(running.union, 1))
         self.val_iou.append(val.iou)
         self.val_boundary_f1.append(val.boundary_f1)
+        self.val_close_up_iou.append(close_ups.iou)
+
+
+def selection_score(val: Scores, close_ups: Scores) -> float:
+    """What picks the epoch kept: the mean of the val person IoU (whole street photos) and
+    the val close-up IoU (portrait crops of the same photos). Either alone would let the
+    chosen epoch give up one scale for the other; the mean weighs both uses equally."""
+    return (val.iou + close_ups.iou) / 2
 
 
 @dataclass
 class Best:
-    """The epoch with the highest validation IoU so far, and a copy of its weights."""
+    """The epoch with the highest `selection_score` so far, and a copy of its weights."""
 
-    val_iou: float = -1.0
+    score: float = -1.0
     epoch: int = 0
     state: dict | None = None
 
-    def offer(self, val_iou: float, epoch: int, model: nn.Module) -> None:
-        if val_iou > self.val_iou:
-            self.val_iou, self.epoch = val_iou, epoch
+    def offer(self, score: float, epoch: int, model: nn.Module) -> None:
+        if score > self.score:
+            self.score, self.epoch = score, epoch
             self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -174,23 +186,41 @@ def run_epoch(fit: Fit, num_photos: int, make_views: MakeViews, batch_size: int,
         running.add(loss.item(), logits.argmax(1).bool(), target.bool())
 
 
-def train(fit: Fit, num_photos: int, make_views: MakeViews, val_set: list, cfg: dict, rng):
-    """`cfg["epochs"]` epochs; validates every `eval_every` epochs (and after the last), keeps
-    the best state and loads it into the model at the end. Returns (History, Best)."""
+def validate(fit: Fit, val_sets: tuple[list, list], cfg: dict) -> tuple[Scores, Scores]:
+    """One validation pass: the scores of the val photos and of their close-ups."""
+    val_photos, val_close_ups = val_sets
+    return (evaluate(fit.model, val_photos, cfg, fit.device),
+            evaluate(fit.model, val_close_ups, cfg, fit.device))
+
+
+def train(fit: Fit, num_photos: int, make_views: MakeViews, val_sets: tuple[list, list], cfg: dict,
+          rng) -> tuple[History, Best, int]:
+    """`cfg["epochs"]` epochs, or fewer when `time_limit_minutes` runs out (the epoch that passes
+    it is the last); validates every `eval_every` epochs and after the last, keeps the best
+    state and loads it into the model at the end. `val_sets`: (val photos, val close-ups).
+    Returns (History, Best, the number of epochs run)."""
     history, best, running = History(), Best(), Running()
+    start, limit = time.monotonic(), 60 * cfg["time_limit_minutes"]
     progress = tqdm(range(1, cfg["epochs"] + 1), desc="train", leave=False)
     for epoch in progress:
         run_epoch(fit, num_photos, make_views, cfg["batch_size"], rng, running, epoch)
-        if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]:
-            val = evaluate(fit.model, val_set, cfg, fit.device)
-            history.add(running, val)
+        out_of_time = 0 < limit < time.monotonic() - start
+        if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"] or out_of_time:
+            val, close_ups = validate(fit, val_sets, cfg)
+            history.add(running, val, close_ups)
             running = Running()
-            best.offer(val.iou, epoch, fit.model)
-            progress.set_postfix(loss=f"{history.loss[-1]:.3f}", val_iou=f"{val.iou:.3f}")
+            best.offer(selection_score(val, close_ups), epoch, fit.model)
+            progress.set_postfix(loss=f"{history.loss[-1]:.3f}", val_iou=f"{val.iou:.3f}",
+                                 close_up_iou=f"{close_ups.iou:.3f}")
             print(f"epoch {epoch:4d}  loss {history.loss[-1]:.4f}  train IoU {history.iou[-1]:.3f}"
-                  f"  val IoU {val.iou:.3f}  val BF1 {val.boundary_f1:.3f}", flush=True)
+                  f"  val IoU {val.iou:.3f}  val BF1 {val.boundary_f1:.3f}"
+                  f"  val close-up IoU {close_ups.iou:.3f}", flush=True)
+        if out_of_time:
+            print(f"stopped after epoch {epoch} of {cfg['epochs']}: --time-limit-minutes "
+                  f"{cfg['time_limit_minutes']} reached", flush=True)
+            break
     fit.model.load_state_dict(best.state)
-    return history, best
+    return history, best, epoch
 
 
 # --- Evaluate -----------------------------------------------------------------------------
@@ -205,7 +235,8 @@ def evaluate(model: nn.Module, photos: list, cfg: dict, device: torch.device,
         probability = probability_at_size(model, photo.image, photo.full_mask.shape, person_class=1,
                                           flip=cfg["flip_tta"], device=device)
         predicted = probability > 0.5
-        scores.photos.append(score_photo(predicted, photo.full_mask, cfg["boundary_tolerance"]))
+        scores.photos.append(score_photo(predicted, photo.full_mask, cfg["boundary_tolerance"],
+                                         uncertain_share(probability)))
         if keep_masks:
             scores.masks.append(predicted)
     return scores
