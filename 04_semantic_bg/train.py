@@ -27,7 +27,7 @@ How to run:
         --output-dir runs/04_semantic_bg-tune           # a tuning run: the test photos are never read
     python 04_semantic_bg/evaluate.py --run-dir runs/04_semantic_bg-tune --split test \
         --output-dir runs/04_semantic_bg-tune-test      # ...its test photos scored once, afterwards
-    python 04_semantic_bg/train.py --smoke              # synthetic photos, ~35 s on 2 cores
+    python 04_semantic_bg/train.py --smoke              # synthetic photos, about 11 s on 2 quiet cores
 
 The 170 photos are split (seeded; --val-fraction, --test-fraction) 120 train / 20 val /
 30 test, and split.json names them; the best epoch is measured once on test. Training
