@@ -11,6 +11,12 @@ CHAPTER ?= 01_mnist
 SCRIPT  ?= train.py
 ARGS    ?=
 PYTEST_ARGS ?=
+# Tests run in parallel (pytest-xdist), one worker per core up to 4 (each worker's chapter
+# runs need 1-3 GB of memory); JOBS=0 runs them in one process. tests/conftest.py pins each
+# worker to its own cores; --dist loadfile keeps each test file (and its shared smoke run)
+# on one worker.
+JOBS    ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+XDIST   := $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile --no-loadscope-reorder)
 MIRROR  ?=
 STAMP   := $(VENV)/.installed
 
@@ -31,12 +37,12 @@ run: $(STAMP)
 
 # pytest exits 5 when it collected no tests; say so plainly instead of a bare failure.
 test: $(STAMP)
-	@status=0; $(VENV)/bin/python -m pytest $(PYTEST_ARGS) || status=$$?; \
+	@status=0; $(VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$status
 
 # The quick loop: everything but the real-data tests (under 5 minutes).
 smoke: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not real_data" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest $(XDIST) -m "not real_data" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

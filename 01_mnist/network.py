@@ -7,7 +7,6 @@ import this module only after their flags are checked, so `--help` answers at on
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from data import outputs
-from data.cli import UserError
+from data.cli import UserError, usable_cores
 
 NUM_CLASSES = 10
 INPUT_SHAPE = (28, 28, 1)
@@ -42,7 +41,7 @@ def use_device(device: str, num_threads: int) -> tuple[str, str]:
     if device == "cpu" or not gpus:
         tf.config.set_visible_devices([], "GPU")
         name = outputs.run_facts()["cpu"]
-        print(f"TensorFlow runs on the CPU ({name}, {num_threads or os.cpu_count()} threads)")
+        print(f"TensorFlow runs on the CPU ({name}, {num_threads or usable_cores()} threads)")
         return "cpu", name
     name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
     print(f"TensorFlow runs on the GPU ({name})")

@@ -91,7 +91,8 @@ def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
 
 
 class KeepBestOnValidation(keras.callbacks.Callback):
-    """Early stopping on val accuracy that restores the best weights at the end.
+    """Keeps the weights of the best val accuracy and restores them at the end; with a
+    `patience` above 0 it also stops a run that many epochs after its best one.
 
     48 validation images make accuracy move in steps of 2%, so many epochs tie; a tie
     goes to the lower val loss (Keras' EarlyStopping would keep the first, often a
@@ -108,7 +109,7 @@ class KeepBestOnValidation(keras.callbacks.Callback):
         if score > self.best:
             self.best, self.best_epoch = score, epoch
             self.best_weights = self.model.get_weights()
-        elif epoch - self.best_epoch >= self.patience:
+        elif self.patience and epoch - self.best_epoch >= self.patience:
             self.model.stop_training = True
 
     def on_train_end(self, logs=None):

@@ -32,7 +32,7 @@ import keras_hub
 import tensorflow as tf
 
 from data import outputs
-from data.cli import UserError
+from data.cli import UserError, usable_cores
 
 BOX_FORMAT = "xyxy"      # pixels of the model input, as data.detection_eval wants them
 COCO_PRESET = "retinanet_resnet50_fpn_coco"
@@ -229,7 +229,7 @@ def use_device(device: str, num_threads: int) -> tuple[str, str]:
     if device == "cpu" or not gpus:
         tf.config.set_visible_devices([], "GPU")
         name = outputs.run_facts()["cpu"]
-        print(f"TensorFlow runs on the CPU ({name}, {num_threads or os.cpu_count()} threads)")
+        print(f"TensorFlow runs on the CPU ({name}, {num_threads or usable_cores()} threads)")
         return "cpu", name
     name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
     print(f"TensorFlow runs on the GPU ({name})")

@@ -23,7 +23,6 @@ which does not care about the small batches a CPU affords.
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 from typing import NamedTuple
@@ -44,7 +43,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from tqdm import tqdm
 
 from data import outputs
-from data.cli import UserError
+from data.cli import UserError, usable_cores
 from data.fruits import BOX_CLASSES, BOX_COLORS, FruitRecord
 from data.images import read_rgb, resize_rgb
 
@@ -206,8 +205,8 @@ def device_name(device: torch.device) -> str:
 
 
 def set_threads(num_threads: int) -> int:
-    """CPU threads for PyTorch's own kernels (0 = all the machine's cores)."""
-    threads = num_threads or os.cpu_count() or 1
+    """CPU threads for PyTorch's own kernels (0 = every core this process may use)."""
+    threads = num_threads or usable_cores()
     torch.set_num_threads(threads)
     return threads
 

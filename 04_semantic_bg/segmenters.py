@@ -14,7 +14,6 @@ import it only after parsing their flags, so `--help` and flag errors stay fast.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from matting import fit_longest_side  # the chapter's own modules sit beside this one
 from torch import nn
 
-from data.cli import UserError
+from data.cli import UserError, usable_cores
 from data.outputs import atomic_path
 
 TORCHVISION_ARCHS = ("lraspp_mobilenet_v3_large", "deeplabv3_resnet50", "deeplabv3_resnet101")
@@ -57,8 +56,8 @@ def device_name(device: torch.device) -> str:
 
 
 def set_threads(num_threads: int) -> None:
-    """torch's CPU threads; 0 means all of the machine's cores."""
-    torch.set_num_threads(num_threads or os.cpu_count() or 1)
+    """torch's CPU threads; 0 means every core this process may use."""
+    torch.set_num_threads(num_threads or usable_cores())
 
 
 def start_torch(device_choice: str, num_threads: int, seed: int, deterministic: bool = True) -> torch.device:

@@ -210,6 +210,17 @@ class ChapterParser(argparse.ArgumentParser):
         return cfg, args
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on: `num_threads = 0` means these.
+
+    Fewer than the machine has when the process is pinned (taskset, a container's CPU
+    set, or the test suite giving each parallel worker its own core); os.cpu_count()
+    would count them all and oversubscribe the pinned ones."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; macOS and Windows have no CPU sets here
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_data_dir() -> Path:
     env = os.environ.get("DLSTUDY_DATA_DIR")
     return Path(env) if env else REPO_ROOT / "data" / "datasets"

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from data.cli import UserError
+from data.cli import UserError, usable_cores
 
 
 @contextlib.contextmanager
@@ -213,6 +213,7 @@ def run_facts(frameworks: Sequence[str] = (), device: str = "cpu", device_name: 
         "platform": platform.platform(terse=True),
         "cpu": _cpu_model(),
         "num_cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
         "device": device,
         "device_name": device_name or (_cpu_model() if device == "cpu" else device),
     }

@@ -136,3 +136,14 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *words: str, code
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if not _is_tf_log_line(line)]
     assert len(lines) == 1 and all(word in lines[0] for word in words), result.stderr
+
+
+def mnist_photo(digit, size: int = 90, canvas=(200, 150), at=(70, 40)):
+    """An MNIST-style digit (28x28 uint8) as a photo: dark ink on white paper, enlarged,
+    off-centre, as a PIL image."""
+    from PIL import Image
+
+    ink = Image.fromarray(255 - digit).resize((size, size), Image.Resampling.BICUBIC)
+    paper = Image.new("L", canvas, 255)
+    paper.paste(ink, at)
+    return paper.convert("RGB")

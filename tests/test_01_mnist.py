@@ -18,9 +18,9 @@ from data import mnist, synthetic
 from data.intervals import wilson_ci95
 from tests.helpers import (
     REPO,
-    SHARED_DATASETS,
     assert_one_line_error,
     keras_learning_rates,
+    mnist_photo,
     run_chapter,
     run_script,
     script_env,
@@ -48,14 +48,6 @@ def _figures(metrics: dict) -> dict:
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _photo(digit: np.ndarray, size: int = 90, canvas=(200, 150), at=(70, 40)) -> Image.Image:
-    """An MNIST-style digit as a photo: dark ink on white paper, enlarged, off-centre."""
-    ink = Image.fromarray(255 - digit).resize((size, size), Image.Resampling.BICUBIC)
-    paper = Image.new("L", canvas, 255)
-    paper.paste(ink, at)
-    return paper.convert("RGB")
 
 
 # --- train.py: one smoke run checked for many things ------------------------------------
@@ -229,7 +221,7 @@ def test_predict_reads_odd_photos_the_same_way(smoke_run, tmp_path):
     sideways with an EXIF tag that says to turn it upright: the same prepared digit."""
     output_dir, _ = smoke_run
     digit = mnist.read_split(output_dir / "smoke-data" / "mnist", "test")[0][0]
-    photo = _photo(digit)
+    photo = mnist_photo(digit)
     photo.save(tmp_path / "png_inside.jpg", format="PNG")
     photo.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
     exif = Image.Exif()
@@ -284,7 +276,7 @@ def test_prepare_digit_undoes_a_photo_of_an_mnist_style_digit():
     images, _ = synthetic.draw_digits(20, seed=3)
     rows, cols = np.indices((28, 28))
     for digit in images:
-        prepared = digits.prepare_digit(np.asarray(_photo(digit, size=112, canvas=(320, 240), at=(15, 110))))
+        prepared = digits.prepare_digit(np.asarray(mnist_photo(digit, size=112, canvas=(320, 240), at=(15, 110))))
         assert prepared.dtype == np.uint8 and prepared.shape == (28, 28) and prepared.max() > 200
         mass = prepared.astype(np.float64)
         centre = ((rows * mass).sum() / mass.sum(), (cols * mass).sum() / mass.sum())
@@ -293,7 +285,7 @@ def test_prepare_digit_undoes_a_photo_of_an_mnist_style_digit():
         height, width = strokes.max(0) - strokes.min(0) + 1
         assert max(height, width) in (20, 21, 22)  # the 20-px box (+ anti-aliased edge)
         # The same digit photographed smaller elsewhere: size and place are undone.
-        other = digits.prepare_digit(np.asarray(_photo(digit, size=60, canvas=(200, 300), at=(130, 20))))
+        other = digits.prepare_digit(np.asarray(mnist_photo(digit, size=60, canvas=(200, 300), at=(130, 20))))
         assert np.corrcoef(mass.ravel(), other.ravel())[0, 1] > 0.9
         # ... and it is the digit itself (the synthetic ones are thinner and smaller than 20 px).
         direct = digits.prepare_digit(np.repeat(digit[..., None], 3, axis=2)).astype(np.float64)
@@ -302,8 +294,8 @@ def test_prepare_digit_undoes_a_photo_of_an_mnist_style_digit():
 
 def test_prepare_digit_keeps_light_on_dark_and_fits_wide_digits():
     images, _ = synthetic.draw_digits(1, seed=5)
-    on_white = digits.prepare_digit(np.asarray(_photo(images[0])))
-    on_black = digits.prepare_digit(np.asarray(Image.fromarray(255 - np.asarray(_photo(images[0])))))
+    on_white = digits.prepare_digit(np.asarray(mnist_photo(images[0])))
+    on_black = digits.prepare_digit(np.asarray(Image.fromarray(255 - np.asarray(mnist_photo(images[0])))))
     assert np.abs(on_white.astype(int) - on_black).max() <= 1
     wide = Image.new("RGB", (400, 200), "white")
     ImageDraw.Draw(wide).rectangle([50, 90, 350, 110], fill="black")  # a 300x20 bar
@@ -311,7 +303,7 @@ def test_prepare_digit_keeps_light_on_dark_and_fits_wide_digits():
     assert bar[:, 1].max() - bar[:, 1].min() + 1 == 20 and bar[:, 0].max() - bar[:, 0].min() + 1 <= 3
 
 
-def test_prepare_digit_thickens_a_hairline_and_refuses_a_blank_photo():
+def test_prepare_digit_thickens_a_hairline_and_refuses_a_blankmnist_photo():
     photo = Image.new("RGB", (600, 800), (235, 235, 230))  # grey-white paper
     ImageDraw.Draw(photo).line([(300, 100), (320, 700)], fill=(40, 40, 60), width=3)  # a fine-pen "1"
     prepared = digits.prepare_digit(np.asarray(photo))
@@ -323,42 +315,3 @@ def test_prepare_digit_thickens_a_hairline_and_refuses_a_blank_photo():
 def test_otsu_threshold_splits_two_levels():
     values = np.concatenate([np.full(900, 0.1), np.full(100, 0.8)])
     assert 0.1 <= digits.otsu_threshold(values) < 0.8
-
-
-# --- real MNIST ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def short_real_run(tmp_path_factory):
-    """The default MLP recipe for 2 epochs on real MNIST (seconds of training)."""
-    if not SHARED_DATASETS.is_dir():
-        pytest.skip(f"real-data test: no dataset mirror at {SHARED_DATASETS}")
-    tmp = tmp_path_factory.mktemp("mnist_real")
-    env = script_env(DLSTUDY_MIRROR=str(SHARED_DATASETS))
-    metrics = run_chapter(SCRIPT, tmp / "out", "--data-dir", str(tmp / "data"), "--epochs", "2",
-                          timeout=600, env=env)
-    return tmp, metrics
-
-
-@pytest.mark.real_data
-def test_short_real_run_reaches_97_percent(short_real_run):
-    _, metrics = short_real_run
-    assert metrics["num_test"] == 10_000 and metrics["num_val"] == 5001
-    assert metrics["test_accuracy"] >= 0.97, metrics
-    low, high = metrics["test_accuracy_ci95"]
-    assert low < metrics["test_accuracy"] < high and high - low < 0.01
-
-
-@pytest.mark.real_data
-def test_predict_reads_9_of_10_mnist_digits_photographed(short_real_run):
-    tmp, _ = short_real_run
-    images, labels = mnist.read_split(tmp / "data" / "mnist", "test")
-    photos = []
-    for index in range(10):  # the first ten test digits, dark ink on white, 3x larger, off-centre
-        photos.append(tmp / f"test{index}_is_{labels[index]}.png")
-        _photo(images[index], size=84, canvas=(240, 160), at=(10 + 13 * index, 60 - 5 * index)).save(photos[-1])
-    run_script(PREDICT, "--model-path", str(tmp / "out" / "model.keras"), "--output-dir",
-               str(tmp / "predicted"), *map(str, photos), timeout=120)
-    found = json.loads((tmp / "predicted" / "predictions.json").read_text())
-    right = sum(a["digit"] == labels[i] for i, a in enumerate(found))
-    assert right >= 9, found

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from data.cli import ChapterParser, UserError, merge_config
+from data.cli import ChapterParser, UserError, merge_config, usable_cores
+from tests.helpers import REPO
 
 CONFIG = """
 seed = 0
@@ -128,3 +133,24 @@ def test_help_shows_each_keys_comment(tmp_path):
     text = " ".join(parser.format_help().split())
     assert "50% more than the default (default: 0.1)" in text
     assert "passes over the data (continued here) (default: 10)" in text
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU sets on this platform")
+def test_usable_cores_counts_the_cores_a_pinned_process_may_use():
+    code = ("import os; from data.cli import usable_cores; "
+            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); print(usable_cores())")
+    pinned = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            check=True, timeout=60)
+    assert pinned.stdout.strip() == "1"
+    assert usable_cores() == len(os.sched_getaffinity(0))
+
+
+def test_each_parallel_test_worker_has_cores_of_its_own():
+    """`make test` runs pytest -n N; tests/conftest.py pins worker i to its share of cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not workers or not hasattr(os, "sched_getaffinity"):
+        pytest.skip("not a parallel (pytest -n) run on a platform with CPU sets")
+    total = len(os.sched_getaffinity(os.getppid()))  # the controlling pytest's cores
+    if workers > total:
+        pytest.skip("more workers than cores: the workers are not pinned")
+    assert usable_cores() == total // workers
