@@ -31,6 +31,7 @@ def test_real_data_brief_training_beats_chance(tmp_path, shared_datasets: Path):
     # Chance is 0.32 (always "apple") on test; a few epochs of a working pipeline clear 0.4
     # (measured with one core: val 0.92 after these 6 epochs, 0.94 after 12).
     assert max(metrics["val_accuracy"], metrics["test_accuracy"]) > 0.4
+    assert metrics["epochs_run"] == 6  # patience 0: never stopped early
     split = json.loads((tmp_path / "run/split.json").read_text())
     assert len(split["train"]) + len(split["val"]) == 240 and len(split["test"]) == 60
     assert not (set(split["train"]) | set(split["val"])) & set(split["test"])
