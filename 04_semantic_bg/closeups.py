@@ -13,7 +13,8 @@ new background are portraits. This module makes close-ups out of the photos we h
   hidden behind a labeled one, as in FudanPed00006 and 00007); in a close-up they count as
   background, so finding them costs IoU there as it does on the whole photos.
 - `closeup_window`: for training, a square window around one person in which person pixels
-  fill a chosen share of the frame (portrait framings from the head down, and tighter zooms).
+  fill a chosen share of the frame (portrait framings from the head down, and, down to
+  `top_drop` of the person's height below the head, tighter zooms on the upper body).
 - `empty_window`: for training, a square window with no person pixel at all.
 
     crops = portrait_crops(image, instance_masks, min_height=100)   # list[CloseUp]
@@ -133,13 +134,15 @@ def window_sums(integral: np.ndarray, tops, lefts, side: float) -> tuple[np.ndar
     return inside, (y1 - y0) * (x1 - x0)
 
 
-def closeup_window(person_mask: np.ndarray, box, share: float, rng) -> tuple[float, float, float]:
+def closeup_window(person_mask: np.ndarray, box, share: float, rng,
+                   top_drop: float = 0.0) -> tuple[float, float, float]:
     """(top, left, side): a square window around the person in `box` (x0, y0, x1, y1) in which
     person pixels (anyone's) fill about `share` of the frame.
 
     The candidates: sides from 0.2 to 1.6 times the person's height; tops just above the head
-    (portrait framings) or 10-30% of the height lower (tighter zooms on the upper body); a
-    random sideways offset. The candidate nearest `share` wins. The parts of a window outside
+    (portrait framings) or, in steps of 10% of the height, down to `top_drop` of it lower
+    (tighter zooms on the upper body that cut off the head; top_drop 0: none); a random
+    sideways offset. The candidate nearest `share` wins. The parts of a window outside
     the photo are left out of its share.
     """
     x0, y0, x1, y1 = box
@@ -148,10 +151,11 @@ def closeup_window(person_mask: np.ndarray, box, share: float, rng) -> tuple[flo
     sides = height * np.geomspace(0.2, 1.6, 15)
     center_x = (x0 + x1) / 2 + rng.uniform(-0.15, 0.15) * (x1 - x0)
     headroom = rng.uniform(0.02, 0.12)
+    drops = np.arange(1, round(top_drop * 10) + 1) / 10  # 0.1, 0.2, ... top_drop
     best, best_gap = (y0, center_x - height / 2, float(height)), np.inf
     for side in sides:
-        tops = np.array([y0 - headroom * side, y0 + 0.1 * height, y0 + 0.2 * height, y0 + 0.3 * height])
-        inside, pixels = window_sums(integral, tops, np.full(4, center_x - side / 2), side)
+        tops = np.concatenate([[y0 - headroom * side], y0 + drops * height])
+        inside, pixels = window_sums(integral, tops, np.full(len(tops), center_x - side / 2), side)
         shares = np.where(pixels >= 0.5 * side * side, inside / np.maximum(pixels, 1), np.inf)
         gaps = np.abs(shares - share)
         if gaps.min() < best_gap:

@@ -103,15 +103,19 @@ def test_same_seed_same_figures(smoke_run, tmp_path):
 
 
 def test_no_silent_overwrite_and_a_tuning_run_never_reads_test(tmp_path):
-    """A real (non-smoke) run on a small synthetic MNIST folder: refused the second time,
-    replaced with --overwrite (stale plots removed), and --no-evaluate-test needs no test files."""
+    """A real (non-smoke) run on a small synthetic MNIST folder: refused where a finished
+    run lies, replaced with --overwrite (stale plots removed), and --no-evaluate-test needs no
+    test files."""
     data_dir = tmp_path / "data"
     folder = synthetic.write_mnist(data_dir, num_train=300, num_test=100)
     env = script_env(DLSTUDY_MIRROR=str(tmp_path / "no_mirror"))  # never fetch anything
     args = ("--data-dir", str(data_dir), "--epochs", "2", "--hidden-units", "16", "--val-fraction", "0.2")
-    out = tmp_path / "run"
-    first = run_chapter(SCRIPT, out, *args, timeout=180, env=env)
-    assert first["num_test"] == 100 and (out / "confusion.png").is_file()
+    out = tmp_path / "run"  # a finished run (not a smoke run) is already there, with its plots
+    out.mkdir()
+    (out / "config.json").write_text('{"smoke": false}')
+    (out / "metrics.json").write_text('{"test_accuracy": 0.99}')
+    (out / "confusion.png").write_bytes(b"an old plot")
+    (out / "wrong.png").write_bytes(b"another old plot")
     before = _snapshot(out)
     refused = run_script(SCRIPT, "--output-dir", str(out), *args, check=False, timeout=120, env=env)
     assert_one_line_error(refused, "--overwrite", str(out))

@@ -56,25 +56,22 @@ def test_same_seed_same_figures_on_cpu(smoke_run, tmp_path):
            {k: v for k, v in first.items() if k not in RUN_FACTS}
 
 
-def test_a_finished_run_is_kept_unless_overwrite(tmp_path):
+def test_a_finished_run_is_kept_unless_overwrite_and_a_tuning_run_never_reads_test(tmp_path):
     out = tmp_path / "run"  # a finished run (not a smoke run) is already there
     out.mkdir()
     (out / "config.json").write_text('{"smoke": false}')
     (out / "metrics.json").write_text('{"test_accuracy": 0.9}')
-    (out / "stale.png").write_bytes(b"an old plot")
+    (out / "confusion.png").write_bytes(b"an old plot")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     result = run_script(SCRIPT, "--smoke", "--output-dir", str(out), check=False, timeout=120)
     assert_one_line_error(result, "--overwrite", "--output-dir")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    run_chapter(SCRIPT, out, "--smoke", "--overwrite", "--epochs", "1", timeout=180)
-    assert not (out / "stale.png").exists() and (out / "model.keras").is_file()
-
-
-def test_tuning_run_never_reads_the_test_photos(tmp_path):
-    out = tmp_path / "tune"
-    done = run_without_test_reads(SCRIPT, "--smoke", "--no-evaluate-test", "--epochs", "2",
+    # Replaced with --overwrite by a tuning run, under a guard that fails the run if a file
+    # under test_zip/ is opened for reading: it scores validation only.
+    done = run_without_test_reads(SCRIPT, "--smoke", "--overwrite", "--no-evaluate-test", "--epochs", "2",
                                   "--output-dir", out)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "model.keras").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_test"] == 0 and not any(k.startswith("test_") for k in metrics)
     assert not (out / "confusion.png").exists() and not (out / "test_predictions.json").exists()

@@ -112,28 +112,26 @@ def test_resume_with_another_config_or_split_is_refused(smoke_run, tmp_path):
     assert_one_line_error(result, "--resume", "split differs")
 
 
-def test_weights_path_fine_tunes_from_a_saved_checkpoint(smoke_run, tmp_path):
-    output_dir, _ = smoke_run
-    metrics = run_chapter(TRAIN, tmp_path / "again", "--smoke", "--epochs", "1",
-                          "--weights", str(output_dir / "model.pt"))
-    assert metrics["epochs"] == 1
-    assert json.loads((tmp_path / "again" / "config.json").read_text())["weights"].endswith("model.pt")
-
-
-def test_tuning_run_never_reads_the_test_photos(tmp_path):
+def test_tuning_run_from_a_checkpoint_never_reads_the_test_photos(smoke_run, tmp_path):
     # The real set's layout, every test file unreadable: a --no-evaluate-test run must not
     # open them (not even the XML), and leaves no test figure or stale test grid behind.
+    # --weights PATH: it fine-tunes the smoke run's checkpoint (its arch rebuilds the model),
+    # at this run's own --image-size.
     from data.synthetic import write_fruits
+
+    output_dir, _ = smoke_run
 
     root = write_fruits(tmp_path / "data", train_per_class=60, test_per_class=15, image_size=(48, 40))
     for path in (root / "test_zip" / "test").iterdir():
         path.write_bytes(b"not readable")
     (tmp_path / "tune").mkdir()
     (tmp_path / "tune" / "test_predictions.png").write_bytes(b"from an earlier run")
-    metrics = run_chapter(TRAIN, tmp_path / "tune", "--data-dir", tmp_path / "data", "--weights", "none",
-                          "--image-size", "64", "--fpn-channels", "64", "--head-convs", "1",
+    metrics = run_chapter(TRAIN, tmp_path / "tune", "--data-dir", tmp_path / "data",
+                          "--weights", output_dir / "model.pt", "--image-size", "64",
                           "--epochs", "1", "--batch-size", "16", "--no-evaluate-test", timeout=600)
-    assert "val_map50" in metrics and "wall_seconds" in metrics
+    assert "val_map50" in metrics and "wall_seconds" in metrics and metrics["epochs"] == 1
+    config = json.loads((tmp_path / "tune" / "config.json").read_text())
+    assert config["weights"].endswith("model.pt") and config["image_size"] == 64
     assert not any(key.startswith(("map", "ap50_", "ap_")) for key in metrics)
     assert json.loads((tmp_path / "tune" / "split.json").read_text())["test"] == []
     assert (tmp_path / "tune" / "val_map.png").is_file()

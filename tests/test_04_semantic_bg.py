@@ -283,10 +283,25 @@ def test_closeup_window_fills_the_share_asked_for():
     _, instances = person_photo()
     everyone = instances.any(axis=0)
     rng = np.random.default_rng(0)
-    for share in (0.3, 0.5, 0.7, 0.9):
-        top, left, side = closeups.closeup_window(everyone, (120, 60, 200, 420), share, rng)
+    for share in (0.3, 0.5, 0.7, 0.9):  # the shares above ~0.7 need windows below the head
+        top, left, side = closeups.closeup_window(everyone, (120, 60, 200, 420), share, rng, top_drop=0.3)
         window = everyone[max(round(top), 0):round(top + side), max(round(left), 0):round(left + side)]
         assert window.mean() == pytest.approx(share, abs=0.08), share
+
+
+def test_closeup_window_keeps_the_head_unless_told_to_drop_below_it():
+    _, instances = person_photo()
+    everyone = instances.any(axis=0)
+    box = (120, 60, 200, 420)  # x0, y0, x1, y1: the top of the head at y0 = 60, 360 px tall
+    rng = np.random.default_rng(0)
+    for share in np.linspace(0.3, 0.9, 13):
+        top, _, _ = closeups.closeup_window(everyone, box, share, rng, top_drop=0.0)
+        assert top <= 60  # the window starts at or above the head, whatever the share asked
+        top, _, _ = closeups.closeup_window(everyone, box, share, rng, top_drop=0.3)
+        assert top <= 60 + 0.3 * 360 + 1e-6
+    # a tight share can only be met below the head: top_drop 0.3 goes there, 0 does not
+    tops = [closeups.closeup_window(everyone, box, 0.9, rng, top_drop=0.3)[0] for _ in range(20)]
+    assert max(tops) > 60
 
 
 def test_empty_windows_and_no_person_views_hold_no_person_pixel():
@@ -312,7 +327,7 @@ def test_training_views_mix_scenes_close_ups_and_no_person_views(monkeypatch):
                                    boxes=[closeups.person_box(instance) for instance in instances[:2]])
     cfg = {"crop_size": 64, "rotate_degrees": 10.0, "color_jitter": 0.3, "copy_paste": 0.0,
            "scale_min": 0.7, "scale_max": 1.4, "negative_fraction": 0.2, "closeup_fraction": 0.4,
-           "closeup_share_min": 0.3, "closeup_share_max": 0.9}
+           "closeup_share_min": 0.3, "closeup_share_max": 0.9, "closeup_top_drop": 0.3}
     views = []  # (kind, share of person pixels in the view)
 
     def spy_on(kind):
@@ -460,20 +475,32 @@ finally:
 """
 
 
-def test_no_evaluate_test_never_reads_the_test_photos(tmp_path):
-    output_dir = tmp_path / "tuning"
+ONE_CPU = ("--device", "cpu", "--num-threads", "1")
+
+
+@pytest.fixture(scope="module")
+def tuning_run(tmp_path_factory):
+    """train.py --smoke --no-evaluate-test, shortened, under a spy that lists every photo read:
+    a tuning run, whose test photos evaluate.py then scores. One thread: on a CPU another job
+    keeps busy, two threads starve each other (>300 s measured)."""
+    output_dir = tmp_path_factory.mktemp("tuning_smoke")
     # 4 val + 3 test of 24 leave 17 to train on: batches of 6, 6 and 5, and an odd last batch
     # used to crash torch's channels-last backward on the CPU, so this run checks that too
     # --time-limit-minutes: a limit this short stops training after its first epoch
-    result = subprocess.run([sys.executable, "-c", SPY, "--smoke", "--no-evaluate-test", "--epochs", "2",
-                             "--val-fraction", "0.167", "--time-limit-minutes", "0.0001",
+    result = subprocess.run([sys.executable, "-c", SPY, "--smoke", "--no-evaluate-test", "--epochs", "8",
+                             *ONE_CPU, "--val-fraction", "0.167", "--time-limit-minutes", "0.0001",
                              "--output-dir", str(output_dir)],
                             cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    return output_dir, metrics, result
+
+
+def test_no_evaluate_test_never_reads_the_test_photos(tuning_run):
+    output_dir, metrics, result = tuning_run
     read = set(json.loads(result.stdout.split("READ ")[-1]))
     split = json.loads((output_dir / "split.json").read_text())
     assert read == set(split["train"]) | set(split["val"])  # every photo but the test ones
-    metrics = json.loads((output_dir / "metrics.json").read_text())
     assert "person_iou" not in metrics and metrics["num_test"] == 0 and "val_person_iou" in metrics
     assert "close_up_iou" not in metrics and "val_close_up_iou" in metrics
     assert metrics["num_train"] == 17 and (output_dir / "predictions.png").is_file()
@@ -482,21 +509,8 @@ def test_no_evaluate_test_never_reads_the_test_photos(tmp_path):
     assert "--time-limit-minutes" in result.stdout
 
 
-ONE_CPU = ("--device", "cpu", "--num-threads", "1")
-
-
-@pytest.fixture(scope="module")
-def tuning_run(tmp_path_factory):
-    """train.py --smoke --no-evaluate-test, shortened: a tuning run whose test photos evaluate.py scores.
-    One thread: on a CPU another job keeps busy, two threads starve each other (>300 s measured)."""
-    output_dir = tmp_path_factory.mktemp("tuning_smoke")
-    metrics = run_chapter(TRAIN, output_dir, "--smoke", "--device", "cpu", "--num-threads", "1",
-                          "--no-evaluate-test", "--epochs", "8", timeout=300)
-    return output_dir, metrics
-
-
 def test_evaluate_scores_a_tuning_runs_test_photos_and_repeats_its_val_figures(tuning_run, tmp_path):
-    run_dir, trained = tuning_run
+    run_dir, trained, _ = tuning_run
     assert "person_iou" not in trained and trained["num_test"] == 0
     test = run_chapter(EVALUATE, tmp_path / "test", "--run-dir", run_dir, "--split", "test", *ONE_CPU,
                        timeout=240)
@@ -535,7 +549,7 @@ def test_evaluate_missing_run_dir_is_one_line(tmp_path):
 
 
 def test_evaluate_refuses_photos_not_in_the_data_and_its_own_run_dir(tuning_run, tmp_path):
-    run_dir, _ = tuning_run
+    run_dir, _, _ = tuning_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     split = json.loads((copy / "split.json").read_text())
