@@ -13,7 +13,8 @@ PennFudanPed holds small, full-body pedestrians; the photos people composite are
 So the model is also measured, and trained, on close-ups cut from the same photos
 (closeups.py): the close-up measure frames each test person head to waist and head to
 knees, as a phone portrait (close_up_iou); training mixes in zooms on one person, the head
-always in the frame, where person pixels fill 30% to about 70% of it (--closeup-fraction;
+always in the frame, where person pixels fill a share of it drawn from 30-90% or the nearest
+a window can hold with the head in it (--closeup-fraction;
 --closeup-top-drop allows headless zooms on the upper body, which cost both figures on
 validation), and views with no person at all (--negative-fraction), so that "no person" is
 learned too. The epoch kept is the one with
