@@ -22,7 +22,8 @@ Outputs in --output-dir: metrics.json (the split's figures under train.py's name
 close_up_iou, pixel_accuracy, boundary_f1 and their _ci95 intervals over the photos for
 test; the same with a val_ prefix for val; num_<split>, num_<split>_close_ups, run_dir,
 split, and the machine and library versions), per_photo.json (IoU and uncertain share of
-each photo and close-up), predictions.png, close_ups.png, config.json.
+each photo and close-up), predictions.png, worst.png (lowest IoU first), close_ups.png,
+config.json.
 """
 
 from __future__ import annotations

@@ -131,11 +131,16 @@ def save_predictions(photos: list[Photo], masks: list[np.ndarray], path: Path, t
 
 def save_grids(photos: list[Photo], scores: Scores, close_ups: list[Photo], close_up_scores: Scores,
                output_dir: Path, part: str, grid_images: int) -> None:
-    """predictions.png (the first grid_images photos) and close_ups.png (grid_images close-ups
-    spread over the whole set) of the `part` photos; the scores must have kept their masks."""
+    """predictions.png (the first grid_images photos), worst.png (the grid_images photos with
+    the lowest IoU, lowest first: where to look for what the model gets wrong) and
+    close_ups.png (grid_images close-ups spread over the whole set) of the `part` photos;
+    the scores must have kept their masks."""
     count = min(grid_images, len(photos))
     save_predictions(photos[:count], scores.masks[:count], output_dir / "predictions.png",
                      f"{part} predictions")
+    worst = np.argsort([score.iou for score in scores.photos], kind="stable")[:count]
+    save_predictions([photos[i] for i in worst], [scores.masks[i] for i in worst], output_dir / "worst.png",
+                     f"{part}: lowest IoU first")
     shown = np.linspace(0, len(close_ups) - 1, min(grid_images, len(close_ups))).round().astype(int)
     save_predictions([close_ups[i] for i in shown], [close_up_scores.masks[i] for i in shown],
                      output_dir / "close_ups.png", f"{part} close-ups")

@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from matting import uncertain_share  # the chapter's own modules sit beside this one
 from scoring import Scores, score_photo
-from segmenters import build_model, prepare_model, probability_at_size, to_device, to_tensor
+from segmenters import (
+    build_model,
+    cpu_has_bf16,
+    prepare_model,
+    probability_at_size,
+    to_device,
+    to_tensor,
+)
 from torch import nn
 from tqdm import tqdm
 
@@ -40,8 +47,11 @@ def make_model(cfg: dict, device: torch.device) -> tuple[nn.Module, dict]:
 
 
 def uses_bf16(cfg: dict, device: torch.device) -> bool:
-    """bf16 autocast where it is safe and pays: a CUDA GPU that supports bf16."""
-    return cfg["mixed_precision"] and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """bf16 autocast for training where it is safe and pays: a CUDA GPU that supports bf16, or
+    a CPU with bf16 units (segmenters.cpu_has_bf16). Inference stays float32 everywhere."""
+    if not cfg["mixed_precision"]:
+        return False
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
 
 
 # --- Loss and schedule ------------------------------------------------------------------
@@ -141,7 +151,7 @@ class Fit:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
-    mixed_precision: bool  # bf16 autocast (CUDA only)
+    mixed_precision: bool  # bf16 autocast of the forward pass (uses_bf16)
     dice_weight: float
 
 

@@ -29,21 +29,24 @@ DETECT = "03_tf_od_api/detect.py"
 CLASSES = ("apple", "banana", "orange")
 
 
-def dump_records(folder) -> dict:
-    """{filename: example as lists} for every .record in folder, read back by records.py."""
+def dump_records(*folders) -> list[dict]:
+    """For each folder, {filename: example as lists} of every .record in it and its label map,
+    read back by records.py (one TensorFlow process for all of them)."""
     result = run_python(f"""
         import json
         from pathlib import Path
         import records
-        folder = Path({str(folder)!r})
-        out = {{"label_map": records.read_label_map(folder / "label_map.pbtxt"), "splits": {{}}}}
-        for path in sorted(folder.glob("*.record")):
-            out["splits"][path.stem] = {{
-                ex["filename"].decode(): {{"boxes": ex["boxes"].tolist(), "labels": ex["labels"].tolist(),
-                    "label_ids": ex["label_ids"].tolist(), "texts": [t.decode() for t in ex["texts"]],
-                    "shape": list(ex["image"].shape)}}
-                for ex in records.read_records(path)}}
-        print("JSON" + json.dumps(out))
+        dumps = []
+        for folder in map(Path, {[str(folder) for folder in folders]!r}):
+            out = {{"label_map": records.read_label_map(folder / "label_map.pbtxt"), "splits": {{}}}}
+            for path in sorted(folder.glob("*.record")):
+                out["splits"][path.stem] = {{
+                    ex["filename"].decode(): {{"boxes": ex["boxes"].tolist(), "labels": ex["labels"].tolist(),
+                        "label_ids": ex["label_ids"].tolist(), "texts": [t.decode() for t in ex["texts"]],
+                        "shape": list(ex["image"].shape)}}
+                    for ex in records.read_records(path)}}
+            dumps.append(out)
+        print("JSON" + json.dumps(dumps))
         """, CHAPTER)
     line = next(line for line in result.stdout.splitlines() if line.startswith("JSON"))
     return json.loads(line[4:])
@@ -52,24 +55,35 @@ def dump_records(folder) -> dict:
 # --- make_tfrecords.py -------------------------------------------------------------------
 
 
-def test_make_tfrecords_smoke_writes_three_records_and_a_label_map(tmp_path):
-    result = run_script(MAKE, "--smoke", "--output-dir", tmp_path / "rec")
-    assert "train.record: 20 photos" in result.stdout and "test.record: 8 photos" in result.stdout
-    assert (tmp_path / "rec" / "label_map.pbtxt").read_text() == (
+@pytest.fixture(scope="module")
+def record_sets(tmp_path_factory):
+    """make_tfrecords.py run as a user would, on the fruit smoke data (seed 5) and on a
+    LabelImg-style folder (images with .xml beside them, PNG behind .jpg, a 0x0 size); both
+    read back in one TensorFlow process. Returns {"fruit": (output folder, stdout, dump),
+    "voc": (the LabelImg folder, dump)}."""
+    from data.synthetic import write_fruits
+
+    root = tmp_path_factory.mktemp("records")
+    fruit = run_script(MAKE, "--smoke", "--output-dir", root / "fruit", "--seed", "5")
+    folder = write_fruits(root / "data", train_per_class=3, test_per_class=1, seed=3) / "train_zip" / "train"
+    run_script(MAKE, "--voc-dir", folder, "--output-dir", root / "voc", "--max-side", "64")
+    fruit_dump, voc_dump = dump_records(root / "fruit", root / "voc")
+    return {"fruit": (root / "fruit", fruit.stdout, fruit_dump), "voc": (folder, voc_dump)}
+
+
+def test_make_tfrecords_smoke_writes_three_records_and_a_label_map(record_sets):
+    output_dir, stdout, _ = record_sets["fruit"]
+    assert "train.record: 20 photos" in stdout and "test.record: 8 photos" in stdout
+    assert (output_dir / "label_map.pbtxt").read_text() == (
         "item {\n  id: 1\n  name: 'apple'\n}\nitem {\n  id: 2\n  name: 'banana'\n}\n"
         "item {\n  id: 3\n  name: 'orange'\n}\n")
 
 
-def test_voc_folder_round_trip_with_known_answers(tmp_path):
+def test_voc_folder_round_trip_with_known_answers(record_sets):
     from data.images import image_size
-    from data.synthetic import write_fruits
     from data.voc import read_voc
 
-    # A LabelImg-style folder: images with .xml beside them (PNG behind .jpg, a 0x0 size).
-    root = write_fruits(tmp_path / "data", train_per_class=3, test_per_class=1, seed=3)
-    folder = root / "train_zip" / "train"
-    run_script(MAKE, "--voc-dir", folder, "--output-dir", tmp_path / "rec", "--max-side", "64")
-    dumped = dump_records(tmp_path / "rec")
+    folder, dumped = record_sets["voc"]
     names = sorted({n for xml in folder.glob("*.xml") for n in read_voc(xml).names})
     assert dumped["label_map"] == {str(i): name for i, name in enumerate(names, 1)}
     examples = {**dumped["splits"]["train"], **dumped["splits"]["val"]}
@@ -86,14 +100,13 @@ def test_voc_folder_round_trip_with_known_answers(tmp_path):
         assert max(example["shape"][:2]) == 64 and example["shape"][2] == 3  # shrunk, RGB
 
 
-def test_fruit_records_use_03b_split(tmp_path):
+def test_fruit_records_use_03b_split(record_sets):
     from data import fruits
     from data.splits import stratified_split
 
-    run_script(MAKE, "--smoke", "--output-dir", tmp_path / "rec", "--seed", "5")
-    dumped = dump_records(tmp_path / "rec")
+    output_dir, _, dumped = record_sets["fruit"]
     # The same call 03b makes: stratified_split over the file-name classes, loader order.
-    train, test = fruits.load_fruits(tmp_path / "rec" / "smoke-data", fetch=False)
+    train, test = fruits.load_fruits(output_dir / "smoke-data", fetch=False)
     _, val_idx = stratified_split([r.label for r in train], 0.2, 5)
     assert sorted(dumped["splits"]["val"]) == sorted(train[i].image_path.name for i in val_idx)
     assert sorted(dumped["splits"]["test"]) == sorted(r.image_path.name for r in test)
