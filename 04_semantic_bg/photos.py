@@ -4,7 +4,7 @@ train.py and evaluate.py share these, so a model scored afterwards by evaluate.p
 scored exactly as train.py scores it at the end of its run: `load_photos` and
 `load_close_ups` (the photos and their portrait close-ups, at the model's working size, each
 with its full-resolution mask for scoring), `set_figures` (the pooled figures of a set with
-their 95% intervals) and `save_grids` (predictions.png and close_ups.png). numpy/OpenCV
+their 95% intervals) and `save_grids` (predictions.png, worst.png and close_ups.png). numpy/OpenCV
 only: no torch here.
 """
 
