@@ -52,8 +52,9 @@ Where it runs: --device auto takes a CUDA GPU when torch sees one, else the CPU,
 --num-threads 0 = all cores. Training runs under bf16 autocast on a GPU that supports it
 and on a CPU with bf16 units (AMX or AVX512-BF16, as on recent Xeons), where an epoch took
 6.4 s against 7.5-9.7 s in float32, validation included (--no-mixed-precision turns it
-off; inference is float32 everywhere). On the CPU a seed gives the same figures run after run (--deterministic) on
-one kind of CPU; a GPU run varies a little (see segmenters.start_torch).
+off; inference is float32 everywhere). On the CPU a seed gives the same figures run after
+run (--deterministic) on one kind of CPU; a GPU run varies a little (see
+segmenters.start_torch).
 
 What to expect (measured on 2 shared CPU cores, seed 0), before the close-up measure and
 the close-up and no-person training views were added:
