@@ -131,6 +131,7 @@ def check_config(cfg: dict) -> None:
     require(cfg["batch_size"] % 2 == 0, f"--batch-size must be even, got {cfg['batch_size']}")
     require(cfg["learning_rate"] > 0, f"--learning-rate must be positive, got {cfg['learning_rate']}")
     require(cfg["weight_decay"] >= 0, f"--weight-decay must be at least 0, got {cfg['weight_decay']}")
+    require(0 <= cfg["ema_decay"] < 1, f"--ema-decay must be in [0, 1) (0 = off), got {cfg['ema_decay']}")
     for key in ("closeup_fraction", "negative_fraction"):
         require(0.0 <= cfg[key] <= 1.0, f"--{key.replace('_', '-')} is a share of the views in [0, 1]")
     require(cfg["closeup_fraction"] + cfg["negative_fraction"] <= 1.0,

@@ -1,8 +1,9 @@
 """How train.py fits and measures the segmenter: loss, schedule, epochs, validation, best state.
 
-One job per function: `make_schedule` (AdamW, linear warm-up, cosine decay), `train_step`
-(one batch), `run_epoch` (one pass over the shuffled training photos), `evaluate` (pooled
-scores of a set of photos), `validate` (the whole val photos and their close-ups), and
+One job per function: `make_schedule` (AdamW, linear warm-up, cosine decay), `make_ema`
+(an average of the weights, updated each step; off by default), `train_step` (one batch),
+`run_epoch` (one pass over the shuffled training photos), `evaluate` (pooled scores of a
+set of photos), `validate` (the whole val photos and their close-ups), and
 `train`, which strings them together and keeps the state of the epoch with the best
 `selection_score`. train.py imports this module after parsing its flags, so `--help`
 never waits for torch.
@@ -29,6 +30,7 @@ from segmenters import (
     to_tensor,
 )
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from data.cli import UserError
@@ -83,6 +85,27 @@ def make_schedule(model: nn.Module, cfg: dict, steps_per_epoch: int):
                                   weight_decay=cfg["weight_decay"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
     return optimizer, schedule
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA's decay after `step` updates: (1 + step) / (10 + step), capped at `decay`
+    (tf.train.ExponentialMovingAverage's rule), so the first updates follow the fast-moving
+    weights closely instead of dragging the random initial ones along."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of the weights and the BatchNorm statistics (use_buffers),
+    updated after each optimizer step: a smoother model than the last step's."""
+    def update(averaged: list, current: list, count: torch.Tensor) -> None:
+        keep = ema_decay_at(int(count), decay)
+        for average, new in zip(averaged, current, strict=True):
+            if average.is_floating_point():
+                average.lerp_(new, 1 - keep)
+            else:  # BatchNorm's batch counter: the latest count
+                average.copy_(new)
+
+    return AveragedModel(model, use_buffers=True, multi_avg_fn=update)
 
 
 # --- Records ------------------------------------------------------------------------------
@@ -153,12 +176,19 @@ class Fit:
     device: torch.device
     mixed_precision: bool  # bf16 autocast of the forward pass (uses_bf16)
     dice_weight: float
+    ema: AveragedModel | None = None  # the averaged weights (--ema-decay above 0)
+
+    @property
+    def scored(self) -> nn.Module:
+        """The model validation scores and the best state keeps: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def make_fit(model: nn.Module, cfg: dict, num_photos: int, device: torch.device) -> Fit:
     steps_per_epoch = math.ceil(num_photos / cfg["batch_size"])
     optimizer, schedule = make_schedule(model, cfg, steps_per_epoch)
-    return Fit(model, optimizer, schedule, device, uses_bf16(cfg, device), cfg["dice_weight"])
+    ema = make_ema(model, cfg["ema_decay"]) if cfg["ema_decay"] > 0 else None
+    return Fit(model, optimizer, schedule, device, uses_bf16(cfg, device), cfg["dice_weight"], ema)
 
 
 # --- Train --------------------------------------------------------------------------------
@@ -177,6 +207,8 @@ def train_step(fit: Fit, images: np.ndarray, masks: np.ndarray, epoch: int):
     loss.backward()
     fit.optimizer.step()
     fit.schedule.step()
+    if fit.ema is not None:
+        fit.ema.update_parameters(fit.model)
     return loss, logits, target
 
 
@@ -199,16 +231,16 @@ def run_epoch(fit: Fit, num_photos: int, make_views: MakeViews, batch_size: int,
 def validate(fit: Fit, val_sets: tuple[list, list], cfg: dict) -> tuple[Scores, Scores]:
     """One validation pass: the scores of the val photos and of their close-ups."""
     val_photos, val_close_ups = val_sets
-    return (evaluate(fit.model, val_photos, cfg, fit.device),
-            evaluate(fit.model, val_close_ups, cfg, fit.device))
+    return (evaluate(fit.scored, val_photos, cfg, fit.device),
+            evaluate(fit.scored, val_close_ups, cfg, fit.device))
 
 
 def train(fit: Fit, num_photos: int, make_views: MakeViews, val_sets: tuple[list, list], cfg: dict,
           rng) -> tuple[History, Best, int]:
     """`cfg["epochs"]` epochs, or fewer when `time_limit_minutes` runs out (the epoch that passes
     it is the last); validates every `eval_every` epochs and after the last, keeps the best
-    state and loads it into the model at the end. `val_sets`: (val photos, val close-ups).
-    Returns (History, Best, the number of epochs run)."""
+    state (the EMA's, when there is one) and loads it into the model at the end. `val_sets`:
+    (val photos, val close-ups). Returns (History, Best, the number of epochs run)."""
     history, best, running = History(), Best(), Running()
     start, limit = time.monotonic(), 60 * cfg["time_limit_minutes"]
     progress = tqdm(range(1, cfg["epochs"] + 1), desc="train", leave=False)
@@ -219,7 +251,7 @@ def train(fit: Fit, num_photos: int, make_views: MakeViews, val_sets: tuple[list
             val, close_ups = validate(fit, val_sets, cfg)
             history.add(running, val, close_ups)
             running = Running()
-            best.offer(selection_score(val, close_ups), epoch, fit.model)
+            best.offer(selection_score(val, close_ups), epoch, fit.scored)
             progress.set_postfix(loss=f"{history.loss[-1]:.3f}", val_iou=f"{val.iou:.3f}",
                                  close_up_iou=f"{close_ups.iou:.3f}")
             print(f"epoch {epoch:4d}  loss {history.loss[-1]:.4f}  train IoU {history.iou[-1]:.3f}"

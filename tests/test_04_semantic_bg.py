@@ -390,14 +390,25 @@ bf16 = {}
 for has in (True, False):
     training.cpu_has_bf16 = lambda has=has: has
     bf16[str(has)] = [training.uses_bf16({"mixed_precision": on}, torch.device("cpu")) for on in (True, False)]
+# the EMA: a weight that steps 0 -> 1 -> 1 -> 1, and BatchNorm's integer batch counter
+net = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
+ema = training.make_ema(net, decay=0.25)
+averages = []
+for value in (0.0, 1.0, 1.0, 1.0):
+    net[0].weight.data.fill_(value)
+    net[1].num_batches_tracked.fill_(int(value * 7))
+    ema.update_parameters(net)
+    averages.append(ema.module[0].weight.item())
 print(json.dumps({"factors": [training.warmup_cosine(s, 10, 100) for s in (0, 9, 50, 100)],
-                  "rates": rates, "bf16": bf16, "cpu_has_bf16": real_cpu_has_bf16}))
+                  "rates": rates, "bf16": bf16, "cpu_has_bf16": real_cpu_has_bf16,
+                  "ema_decays": [training.ema_decay_at(s, 0.998) for s in (0, 90, 490, 10_000)],
+                  "ema_averages": averages, "ema_counter": ema.module[1].num_batches_tracked.item()}))
 """
 
 
 @pytest.fixture(scope="module")
 def training_probe():
-    """training.py's schedule and bf16 choice, probed in a torch process of their own."""
+    """training.py's schedule, bf16 choice and EMA, probed in a torch process of their own."""
     result = subprocess.run([sys.executable, "-c", TRAINING_PROBE], cwd=REPO, env=script_env(),
                             capture_output=True, text=True, timeout=120, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -417,6 +428,19 @@ def test_warmup_cosine_schedule_known_answers(training_probe):
     rates = probe["rates"]  # what AdamW really used: the peak rate times the factor
     assert rates[0] == pytest.approx(0.05) and rates[50] == pytest.approx(0.25)
     assert rates[100] == pytest.approx(0.0, abs=1e-12) and max(rates) <= 0.5
+
+
+def test_ema_decay_ramps_up_then_holds_and_averages_known_answers(training_probe):
+    probe = training_probe
+    # (1 + step) / (10 + step) until it reaches the decay asked for
+    assert probe["ema_decays"] == pytest.approx([0.1, 0.91, 0.982, 0.998])
+    # decay 0.25: the first update copies (0); then each keeps min(0.25, ramp) of the average
+    # and takes the rest from the weight (1): the ramp's 2/11 first, then the cap 0.25 twice
+    first = 1 - 2 / 11
+    second = first + (1 - 0.25) * (1 - first)
+    expected = [0.0, first, second, second + (1 - 0.25) * (1 - second)]
+    assert probe["ema_averages"] == pytest.approx(expected)
+    assert probe["ema_counter"] == 7  # an integer buffer is copied, not averaged
 
 
 # --- the scripts -------------------------------------------------------------------------
@@ -519,9 +543,11 @@ def tuning_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("tuning_smoke")
     # 4 val + 3 test of 24 leave 17 to train on: batches of 6, 6 and 5, and an odd last batch
     # used to crash torch's channels-last backward on the CPU, so this run checks that too
-    # --time-limit-minutes: a limit this short stops training after its first epoch
+    # --time-limit-minutes: a limit this short stops training after its first epoch;
+    # --ema-decay: validation scores, and the run keeps, the averaged weights
     result = subprocess.run([sys.executable, "-c", SPY, "--smoke", "--no-evaluate-test", "--epochs", "8",
                              *ONE_CPU, "--val-fraction", "0.167", "--time-limit-minutes", "0.0001",
+                             "--ema-decay", "0.5",
                              "--output-dir", str(output_dir)],
                             cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -540,6 +566,16 @@ def test_no_evaluate_test_never_reads_the_test_photos(tuning_run):
     assert (output_dir / "close_ups.png").is_file()  # of the val close-ups
     assert metrics["epochs_run"] == metrics["best_epoch"] == 1
     assert "--time-limit-minutes" in result.stdout
+
+
+def test_the_state_kept_is_the_one_validation_scored(tuning_run):
+    run_dir, trained, result = tuning_run
+    assert json.loads((run_dir / "config.json").read_text())["ema_decay"] == 0.5
+    # the epoch line prints what validation measured (of the EMA); the figures written at the
+    # end are of the state kept and loaded back into the model: the same photos, the same IoU
+    epoch_line = [line for line in result.stdout.splitlines() if line.startswith("epoch")][-1]
+    printed = float(epoch_line.split("val IoU")[1].split()[0])
+    assert printed == pytest.approx(trained["val_person_iou"], abs=5e-4), epoch_line
 
 
 def test_evaluate_scores_a_tuning_runs_test_photos_and_repeats_its_val_figures(tuning_run, tmp_path):
