@@ -40,7 +40,7 @@ test: $(STAMP)
 	@status=0; $(VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$status
 
-# The quick loop: everything but the real-data tests (about 5 minutes on 2 cores).
+# The quick loop: everything but the real-data tests (about 4-5 minutes on 2 cores).
 smoke: $(STAMP)
 	$(VENV)/bin/python -m pytest $(XDIST) -m "not real_data" $(PYTEST_ARGS)
 

@@ -2,21 +2,43 @@
 
 One framework per process: torchvision imported after tensorflow segfaults, so a test
 never imports a chapter's framework itself; it runs the script and reads its outputs.
+
+A chapter's runs start warm: each is a child forked from a Python that has already
+imported the chapter's framework (tests/warm_python.py), which spares the 4-6 s import
+that most short runs would otherwise spend. A run starts cold, as `python script.py`
+in a new interpreter, when its test asks (`fresh=True`: each chapter's main smoke run
+and real-data run, and checks of what a script imports), when it changes an environment
+variable a framework may read on import, and everywhere with DLSTUDY_TEST_FRESH=1.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import select
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+# What each chapter's scripts import: the modules its warm Python imports up front.
+KERAS, TORCH = ("tensorflow", "keras"), ("torch", "torchvision")
+CHAPTER_FRAMEWORKS = {
+    "01_mnist": KERAS, "02_fruit_cnn": KERAS, "02b_fruit_cnn_aug": KERAS,
+    "03_tf_od_api": (*KERAS, "keras_hub"), "04b_instance_seg": (*KERAS, "keras_hub"),
+    "03b_xml_detection": TORCH, "04_semantic_bg": TORCH,
+}
+# Environment variables read only while a script runs, never on a framework's import: a
+# test may set these and still start warm. Any other change (CUDA_VISIBLE_DEVICES,
+# KERAS_HOME, TORCH_HOME, proxies) starts the run cold.
+RUN_TIME_ENV = {"DLSTUDY_MIRROR"}
 
 
 def script_env(**extra: str) -> dict[str, str]:
@@ -28,26 +50,155 @@ def script_env(**extra: str) -> dict[str, str]:
     return env
 
 
+class WarmPython:
+    """One tests/warm_python.py process: it imports `modules` once, then each `run` is a
+    child forked from it, as if `python ARGV...` had been started with those imports done.
+    If the imports print anything but TensorFlow's log lines (a warning a user would see
+    after an error message, say), `usable` is False and the runs start cold instead."""
+
+    def __init__(self, modules: tuple[str, ...]):
+        self.modules_key = modules
+        self.log = tempfile.NamedTemporaryFile(prefix="warm_python_", suffix=".log")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "warm_python.py"), *modules], cwd=REPO,
+            env=script_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        self.pending, self.requests = b"", 0
+        ready = self._reply(180)
+        printed = self._log_text()
+        self.usable = ready == {"ready": True} and all(
+            _is_tf_log_line(line) or not line.strip() for line in printed.splitlines())
+
+    def _log_text(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def _reply(self, timeout: float) -> dict | None:
+        """The next JSON line from the server, or None after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.process.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.process.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"the warm Python exited:\n{self._log_text()[-3000:]}")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        """`python ARGV...` as a forked child. On any failure of the server itself (or a
+        timeout) the server is stopped, and the next run starts a new one."""
+        self.requests += 1
+        with tempfile.TemporaryDirectory(prefix="warm_run_") as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            request = {"id": self.requests, "argv": argv, "cwd": str(REPO), "env": env,
+                       "stdout": str(out), "stderr": str(err)}
+            try:
+                self.process.stdin.write((json.dumps(request) + "\n").encode())
+                self.process.stdin.flush()
+                started = self._reply(60)
+                if started is None or started.get("id") != self.requests:
+                    raise RuntimeError(f"the warm Python did not start the run: {started}")
+                done = self._reply(timeout)
+                if done is None:
+                    raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text())
+            except BaseException:
+                self.close(kill=True)
+                raise
+            return subprocess.CompletedProcess([sys.executable, *argv], done["returncode"],
+                                               out.read_text(), err.read_text())
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the server (it kills a run still going) and forget it."""
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            if kill:
+                self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        if _warm.get(self.modules_key) is self:
+            del _warm[self.modules_key]
+
+
+# At most one warm Python per pytest worker: a worker that moves on to another chapter's
+# test file stops the one it had, so that no more than one framework sits in memory.
+_warm: dict[tuple[str, ...], WarmPython] = {}
+
+
+@atexit.register
+def _close_warm_pythons() -> None:
+    for warm in list(_warm.values()):
+        warm.close()
+
+
+# Set by pytest for each test; not a change a test made to the environment.
+_IGNORED_ENV = {"PYTEST_CURRENT_TEST"}
+
+
+def _warm_for(chapter: str | None, env: dict[str, str] | None, fresh: bool) -> WarmPython | None:
+    """The warm Python a run of `chapter` may use, or None when it must start cold."""
+    modules = CHAPTER_FRAMEWORKS.get(chapter or "")
+    if fresh or not modules or os.environ.get("DLSTUDY_TEST_FRESH") == "1" or modules in _noisy:
+        return None
+    if env is not None:
+        base = script_env()
+        changed = {key for key in env.keys() | base.keys() if env.get(key) != base.get(key)}
+        if changed - RUN_TIME_ENV - _IGNORED_ENV:
+            return None
+    if modules not in _warm:
+        _close_warm_pythons()
+        warm = WarmPython(modules)
+        if not warm.usable:
+            _noisy.add(modules)
+            warm.close(kill=True)
+            return None
+        _warm[modules] = warm
+    return _warm[modules]
+
+
+_noisy: set[tuple[str, ...]] = set()  # module sets whose import prints something: always cold
+
+
+def _run(argv: list[str], chapter: str | None, env: dict[str, str] | None, timeout: float,
+         fresh: bool) -> subprocess.CompletedProcess:
+    """`python ARGV...` from the repo root, warm when it may be (see the module docstring)."""
+    warm = _warm_for(chapter, env, fresh)
+    if warm is not None:
+        return warm.run(argv, env or script_env(), timeout)
+    return subprocess.run([sys.executable, *argv], cwd=REPO, env=env or script_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _chapter_of(script: str) -> str:
+    return Path(script).parts[0]
+
+
 def run_script(script: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python <script> <args>` from the repo root; fail the test with its output if it fails."""
-    command = [sys.executable, str(REPO / script), *map(str, args)]
+               check: bool = True, fresh: bool = False, chapter: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python <script> <args>` from the repo root; fail the test with its output if it
+    fails. `chapter` names the framework of a script outside the chapter folders."""
+    command = [str(REPO / script), *map(str, args)]
     start = time.monotonic()
-    result = subprocess.run(command, cwd=REPO, env=env or script_env(), capture_output=True,
-                            text=True, timeout=timeout)
+    result = _run(command, chapter or _chapter_of(script), env, timeout, fresh)
     result.seconds = time.monotonic() - start
     if check and result.returncode != 0:
         raise AssertionError(
-            f"{' '.join(command)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
+            f"python {' '.join(command)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
             f"\n--- stderr\n{result.stderr[-6000:]}"
         )
     return result
 
 
 def run_chapter(script: str, output_dir: Path, *args: str, timeout: float = 300,
-                env: dict[str, str] | None = None) -> dict:
+                env: dict[str, str] | None = None, fresh: bool = False) -> dict:
     """Run a chapter script with --output-dir and return its metrics.json."""
-    result = run_script(script, "--output-dir", str(output_dir), *args, timeout=timeout, env=env)
+    result = run_script(script, "--output-dir", str(output_dir), *args, timeout=timeout, env=env,
+                        fresh=fresh)
     metrics_path = Path(output_dir) / "metrics.json"
     assert metrics_path.is_file(), f"{script} wrote no metrics.json\n{result.stderr[-3000:]}"
     metrics = json.loads(metrics_path.read_text())
@@ -55,12 +206,12 @@ def run_chapter(script: str, output_dir: Path, *args: str, timeout: float = 300,
     return metrics
 
 
-def run_python(code: str, chapter: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run a snippet in a fresh Python from the repo root, with the `chapter` folder
-    importable; fail the test with its output if it fails."""
+def run_python(code: str, chapter: str | None = None, timeout: float = 240, args: tuple = (),
+               fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run a snippet (`python -c CODE ARGS...`) in its own Python from the repo root, with
+    the `chapter` folder importable; fail the test with its output if it fails."""
     prefix = f"import sys; sys.path.insert(0, {str(REPO / chapter)!r})\n" if chapter else ""
-    result = subprocess.run([sys.executable, "-c", prefix + textwrap.dedent(code)], cwd=REPO,
-                            env=script_env(), capture_output=True, text=True, timeout=timeout)
+    result = _run(["-c", prefix + textwrap.dedent(code), *map(str, args)], chapter, None, timeout, fresh)
     assert result.returncode == 0, f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-5000:]}"
     return result
 
@@ -86,8 +237,8 @@ runpy.run_path(script, run_name="__main__")
 
 def run_without_test_reads(script: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     """`python <script> <args>` that fails ("a test file was read") if it reads a test file."""
-    return subprocess.run([sys.executable, "-c", _NO_TEST_READS, script, *map(str, args)], cwd=REPO,
-                          env=script_env(), capture_output=True, text=True, timeout=timeout)
+    return _run(["-c", _NO_TEST_READS, script, *map(str, args)], _chapter_of(script), None, timeout,
+                fresh=False)
 
 
 # The chapter's compile function is given a stand-in that keeps the optimizer; the rate is

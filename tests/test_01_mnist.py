@@ -6,8 +6,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from tests.helpers import (
     keras_learning_rates,
     mnist_photo,
     run_chapter,
+    run_python,
     run_script,
     script_env,
 )
@@ -56,7 +55,8 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("mnist_smoke")
-    return output_dir, run_chapter(SCRIPT, output_dir, "--smoke", "--device", "cpu", timeout=180)
+    return output_dir, run_chapter(SCRIPT, output_dir, "--smoke", "--device", "cpu", timeout=180,
+                                   fresh=True)
 
 
 def test_smoke_run_learns_and_writes_everything(smoke_run):
@@ -196,10 +196,8 @@ def test_help_explains_every_config_key():
 def other_chapter_model(tmp_path_factory):
     """A real .keras file, but for 48x48 colour photos and 4 classes (like chapter 2's)."""
     path = tmp_path_factory.mktemp("other") / "fruit.keras"
-    subprocess.run([sys.executable, "-c",
-                    "import sys, keras; m = keras.Sequential([keras.Input((48, 48, 3)), keras.layers.Flatten(), "
-                    "keras.layers.Dense(4)]); m.save(sys.argv[1])", str(path)],
-                   check=True, capture_output=True, env=script_env(), timeout=120)
+    run_python("import sys, keras; m = keras.Sequential([keras.Input((48, 48, 3)), keras.layers.Flatten(), "
+               "keras.layers.Dense(4)]); m.save(sys.argv[1])", "01_mnist", timeout=120, args=(path,))
     return path
 
 

@@ -19,7 +19,7 @@ RUN_FACTS = {"date", "train_seconds", "_wall_seconds"}
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("02") / "run"
-    return out, run_chapter(SCRIPT, out, "--smoke", timeout=180)
+    return out, run_chapter(SCRIPT, out, "--smoke", timeout=180, fresh=True)
 
 
 def test_smoke_run_writes_metrics_with_intervals_split_predictions_and_plots(smoke_run):

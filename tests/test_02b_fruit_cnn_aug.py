@@ -31,7 +31,7 @@ CLASSES = ("apple", "banana", "orange", "mixed")
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("02b") / "run"
-    metrics = run_chapter(SCRIPT, out, "--smoke", timeout=180)
+    metrics = run_chapter(SCRIPT, out, "--smoke", timeout=180, fresh=True)
     return out, metrics
 
 
@@ -94,7 +94,7 @@ def test_a_finished_run_is_kept_unless_overwrite_then_a_tuning_run_from_a_weight
     build = ("import keras; keras.applications.MobileNetV3Small(input_shape=(48, 48, 3), "
              "include_top=False, weights=None, pooling='avg')"
              f".save_weights({str(weights)!r})")
-    run_python(build, timeout=120)
+    run_python(build, "02b_fruit_cnn_aug", timeout=120)
     assert weights.is_file()
     # A tuning run with --overwrite, from that file, under a guard that fails the run if a
     # file under test_zip/ is opened for reading: it must score validation only.

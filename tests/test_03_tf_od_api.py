@@ -163,7 +163,7 @@ def test_learning_rate_warms_up_from_a_hundredth_then_follows_a_cosine_to_a_hund
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("03") / "run"
-    metrics = run_chapter(TRAIN, output_dir, "--smoke", timeout=300)
+    metrics = run_chapter(TRAIN, output_dir, "--smoke", timeout=300, fresh=True)
     print(f"03 smoke wall time {metrics['_wall_seconds']:.1f}s")
     return output_dir, metrics
 
@@ -289,7 +289,7 @@ def test_detect_runs_the_saved_model_without_keras(smoke_run, tmp_path):
         sys.argv = {argv!r}
         runpy.run_path({str(REPO / DETECT)!r}, run_name="__main__")
         print("IMPORTED", sorted(m for m in sys.modules if m.split(".")[0] in ("keras", "keras_hub", "tf_keras")))
-        """, CHAPTER)
+        """, CHAPTER, fresh=True)  # a new interpreter: what detect.py imports, it imports itself
     assert "IMPORTED []" in result.stdout
     lines = [line for line in result.stdout.splitlines() if line.startswith(str(photo))]
     assert lines, result.stdout
@@ -301,11 +301,12 @@ def test_detect_runs_the_saved_model_without_keras(smoke_run, tmp_path):
 
 def test_detect_names_a_missing_model_and_a_bad_image(smoke_run, tmp_path):
     output_dir, _ = smoke_run
-    result = run_script(DETECT, "--model-dir", tmp_path / "nothing", tmp_path / "a.jpg", check=False)
+    # cold: detect.py refuses to run in a process that has imported Keras
+    result = run_script(DETECT, "--model-dir", tmp_path / "nothing", tmp_path / "a.jpg", check=False, fresh=True)
     assert_one_line_error(result, "is not a SavedModel folder")
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
-    result = run_script(DETECT, "--model-dir", output_dir / "saved_model", bad, check=False)
+    result = run_script(DETECT, "--model-dir", output_dir / "saved_model", bad, check=False, fresh=True)
     assert result.returncode == 2 and "broken.jpg" in result.stderr and "Traceback" not in result.stderr
 
 

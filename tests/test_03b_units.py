@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from tests.helpers import run_script
+from tests.helpers import run_python
 
 KNOWN_ANSWERS = r'''
 import json, sys, tempfile
@@ -72,10 +72,8 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def known_answers(tmp_path_factory):
-    script = tmp_path_factory.mktemp("known") / "known_answers.py"
-    script.write_text(KNOWN_ANSWERS)
-    return json.loads(run_script(str(script)).stdout.strip().splitlines()[-1])
+def known_answers():
+    return json.loads(run_python(KNOWN_ANSWERS, "03b_xml_detection").stdout.strip().splitlines()[-1])
 
 
 def test_mosaic_puts_each_photo_and_its_box_in_its_quadrant(known_answers):

@@ -25,7 +25,7 @@ RUN_KEYS = ("date", "train_seconds", "wall_seconds", "_wall_seconds")
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("smoke") / "run"
-    metrics = run_chapter(TRAIN, output_dir, "--smoke", "--device", "cpu", timeout=600)
+    metrics = run_chapter(TRAIN, output_dir, "--smoke", "--device", "cpu", timeout=600, fresh=True)
     return output_dir, metrics
 
 

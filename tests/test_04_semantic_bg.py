@@ -16,7 +16,6 @@ import importlib.util
 import json
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -24,7 +23,14 @@ import pytest
 from PIL import Image
 
 from data.images import read_rgb
-from tests.helpers import REPO, assert_one_line_error, run_chapter, run_script, script_env
+from tests.helpers import (
+    REPO,
+    assert_one_line_error,
+    run_chapter,
+    run_python,
+    run_script,
+    script_env,
+)
 
 CHAPTER = REPO / "04_semantic_bg"
 TRAIN, COMPOSITE = "04_semantic_bg/train.py", "04_semantic_bg/composite.py"
@@ -437,8 +443,7 @@ print(json.dumps({"factors": [training.warmup_cosine(s, 10, 100) for s in (0, 9,
 @pytest.fixture(scope="module")
 def training_probe():
     """training.py's schedule, bf16 choice and EMA, probed in a torch process of their own."""
-    result = subprocess.run([sys.executable, "-c", TRAINING_PROBE], cwd=REPO, env=script_env(),
-                            capture_output=True, text=True, timeout=120, check=True)
+    result = run_python(TRAINING_PROBE, "04_semantic_bg", timeout=120)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -478,7 +483,7 @@ def test_ema_decay_ramps_up_then_holds_and_averages_known_answers(training_probe
 def smoke_run(tmp_path_factory):
     """train.py --smoke once, on the CPU: its outputs feed most script tests."""
     output_dir = tmp_path_factory.mktemp("train_smoke")
-    metrics = run_chapter(TRAIN, output_dir, "--smoke", "--device", "cpu", timeout=300)
+    metrics = run_chapter(TRAIN, output_dir, "--smoke", "--device", "cpu", timeout=300, fresh=True)
     return output_dir, metrics
 
 
@@ -573,12 +578,9 @@ def tuning_run(tmp_path_factory):
     # used to crash torch's channels-last backward on the CPU, so this run checks that too
     # --time-limit-minutes: a limit this short stops training after its first epoch;
     # --ema-decay: validation scores, and the run keeps, the averaged weights
-    result = subprocess.run([sys.executable, "-c", SPY, "--smoke", "--no-evaluate-test", "--epochs", "8",
-                             *ONE_CPU, "--val-fraction", "0.167", "--time-limit-minutes", "0.0001",
-                             "--ema-decay", "0.5",
-                             "--output-dir", str(output_dir)],
-                            cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python(SPY, "04_semantic_bg", timeout=300, args=(
+        "--smoke", "--no-evaluate-test", "--epochs", "8", *ONE_CPU, "--val-fraction", "0.167",
+        "--time-limit-minutes", "0.0001", "--ema-decay", "0.5", "--output-dir", output_dir))
     metrics = json.loads((output_dir / "metrics.json").read_text())
     return output_dir, metrics, result
 

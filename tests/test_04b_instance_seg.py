@@ -20,7 +20,7 @@ SHAPES = ("square", "circle", "triangle")
 @pytest.fixture(scope="module")
 def shapes_smoke(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("shapes") / "run"
-    return output_dir, run_chapter(TRAIN, output_dir, "--smoke")
+    return output_dir, run_chapter(TRAIN, output_dir, "--smoke", fresh=True)
 
 
 def test_shapes_smoke_writes_metrics_plots_and_model(shapes_smoke):

@@ -19,6 +19,6 @@ def test_short_shapes_run_learns_masks(tmp_path):
     # Measured with one core: mask mAP@0.5 0.41, box 0.43 on the test pictures (75 s).
     metrics = run_chapter(TRAIN, tmp_path / "run", "--epochs", "3", "--train-images", "320",
                           "--val-images", "100", "--test-images", "100", "--eval-every", "3",
-                          timeout=600)
+                          timeout=600, fresh=True)
     print({k: metrics[k] for k in ("mask_map50", "box_map50", "val_mask_map50", "train_seconds")})
     assert metrics["mask_map50"] > 0.2 and metrics["box_map50"] > 0.2

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -192,10 +191,13 @@ def run_checks() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tf_checks():
-    result = subprocess.run([sys.executable, __file__], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env={**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    from tests.helpers import (
+        run_script,  # here: this file also runs as a script, without tests/ importable
+    )
+
+    result = run_script("tests/test_04b_instance_seg_units.py", chapter="04b_instance_seg", timeout=300)
     lines = result.stdout.strip().splitlines()
-    assert result.returncode == 0 and lines, result.stderr[-4000:]
+    assert lines, result.stderr[-4000:]
     return json.loads(lines[-1])
 
 
