@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, WarmPython, script_env
+from tests.helpers import REPO, WarmPython, _warm_for, script_env
 
 PROBE = """
 import json, os, sys
 json.runs = getattr(json, "runs", 0) + 1  # 1 in each run: nothing is left from an earlier one
 print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0], "name": __name__,
-                  "flag": os.environ.get("WARM_TEST_FLAG"), "runs": json.runs}))
+                  "flag": os.environ.get("WARM_TEST_FLAG"), "dropped": os.environ.get("MPLBACKEND"),
+                  "stdin": sys.stdin.read(), "runs": json.runs}))
 print("to stderr", file=sys.stderr)
 sys.exit(int(sys.argv[-1]))
 """
@@ -38,29 +41,70 @@ def test_a_warm_run_prints_and_exits_as_a_new_interpreter_does(warm, tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     env = script_env(WARM_TEST_FLAG="on")
+    del env["MPLBACKEND"]  # set in the server's own environment: gone in the run's
     for argv in ([str(script), "x", "3"], ["-c", PROBE, "y", "0"]):
         expected = cold(argv, env)
         for _ in range(2):  # the second run starts from the server's state, not the first run's
             got = warm.run(argv, env, timeout=60)
             assert (got.returncode, got.stdout, got.stderr) == (
                 expected.returncode, expected.stdout, expected.stderr)
-    assert '"runs": 1' in got.stdout and '"flag": "on"' in got.stdout
+    assert '"runs": 1' in got.stdout and '"flag": "on"' in got.stdout and '"dropped": null' in got.stdout
 
 
-def test_an_uncaught_error_gives_the_same_traceback(warm):
+def test_an_uncaught_error_gives_the_same_traceback(warm, tmp_path):
     code = "def f():\n    raise ValueError('boom')\nf()\n"
-    expected = cold(["-c", code], script_env())
-    got = warm.run(["-c", code], script_env(), timeout=60)
-    assert got.returncode == expected.returncode == 1
-    assert got.stderr == expected.stderr and "warm_python" not in got.stderr
+    script = tmp_path / "boom.py"
+    script.write_text(code)
+    for argv in (["-c", code], [str(script)]):
+        expected = cold(argv, script_env())
+        got = warm.run(argv, script_env(), timeout=60)
+        assert got.returncode == expected.returncode == 1
+        assert got.stderr == expected.stderr and "warm_python" not in got.stderr and "runpy" not in got.stderr
 
 
-def test_a_run_past_its_timeout_is_killed_and_the_next_run_still_works(warm):
+def test_a_run_past_its_timeout_is_killed_and_the_next_run_still_works(warm, tmp_path):
+    pid_file = tmp_path / "pid"
+    sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
     with pytest.raises(subprocess.TimeoutExpired):
-        warm.run(["-c", "import time; time.sleep(60)"], script_env(), timeout=1)
-    assert warm.process.poll() is not None  # that server was stopped, its run with it
+        warm.run(["-c", sleeper], script_env(), timeout=3)
+    assert warm.process.poll() is not None  # that server was stopped
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # and its run with it (gone, or a zombie until init reaps it)
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the timed-out run {pid} is still running")
     again = WarmPython(("json",))
     try:
         assert again.run(["-c", "print('ok')"], script_env(), timeout=60).stdout == "ok\n"
     finally:
         again.close()
+
+
+def test_runs_start_cold_where_a_warm_start_could_differ(monkeypatch, tmp_path):
+    assert _warm_for("data", None, fresh=False) is None  # no framework to preload
+    assert _warm_for("01_mnist", None, fresh=True) is None
+    assert _warm_for("04_semantic_bg", script_env(TORCH_HOME=str(tmp_path)), fresh=False) is None
+    assert _warm_for("01_mnist", script_env(CUDA_VISIBLE_DEVICES=""), fresh=False) is None
+    monkeypatch.setenv("DLSTUDY_TEST_FRESH", "1")
+    assert _warm_for("01_mnist", None, fresh=False) is None
+
+
+def test_a_framework_whose_import_prints_is_not_used_warm(monkeypatch, tmp_path):
+    (tmp_path / "noisy_probe.py").write_text("import sys\nprint('a warning on import', file=sys.stderr)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    server = WarmPython(("noisy_probe",))
+    try:
+        assert not server.usable
+    finally:
+        server.close()
+    quiet = WarmPython(("json",))
+    try:
+        assert quiet.usable
+    finally:
+        quiet.close()

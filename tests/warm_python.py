@@ -28,7 +28,7 @@ import signal
 import sys
 import threading
 
-SKIPPED_FRAMES = (os.path.abspath(__file__), runpy.__file__)  # in tracebacks a child prints
+HERE = os.path.abspath(__file__)
 
 
 def run_child(request: dict) -> None:
@@ -55,7 +55,8 @@ def run_child(request: dict) -> None:
         code = exit_code(done)
     except BaseException as error:  # reported as Python reports it, without this file's frames
         tb = error.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename in SKIPPED_FRAMES:
+        while tb is not None and (tb.tb_frame.f_code.co_filename == HERE
+                                  or tb.tb_frame.f_globals.get("__name__") == "runpy"):
             tb = tb.tb_next
         sys.excepthook(type(error), error.with_traceback(tb), tb)
         code = 1
