@@ -32,15 +32,25 @@ class UserError(Exception):
 
 
 def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
-    """Run a chapter's main(); turn UserError and Ctrl-C into a clean exit."""
+    """Run a chapter's main(); turn UserError and Ctrl-C into a clean exit.
+
+    A run that fails (or is interrupted) before its training started leaves nothing behind:
+    what it wrote in its output folder is removed (`outputs.discard_unstarted_runs`), so the
+    corrected command can use the same folder without --overwrite."""
     try:
         main(argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except BaseException as exc:
+        if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            from data import outputs  # here, not at the top: data.outputs imports this module
+
+            outputs.discard_unstarted_runs()
+        if isinstance(exc, UserError):
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(exc, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        raise
 
 
 # --- Config files -----------------------------------------------------------------

@@ -130,11 +130,50 @@ def claim_output_dir(output_dir: Path, *, overwrite: bool = False, resume: bool 
                             f"or --output-dir NEW_DIR to keep it" +
                             ("" if state == "a finished run" else " (or --resume where the chapter has it)"))
         _clear_run(output_dir)
+    existed = sorted(entry.name for entry in output_dir.iterdir()) if output_dir.is_dir() else None
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output dir {output_dir}: {exc.strerror}") from None
+    _unstarted[output_dir.resolve()] = existed
     return output_dir
+
+
+# --- A failed start leaves nothing behind -------------------------------------------------
+
+# Output folders claimed by this process whose training has not started yet, each with the
+# names that were in it before the claim (None: the claim created the folder).
+_unstarted: dict[Path, list[str] | None] = {}
+
+
+def training_started(output_dir: Path) -> None:
+    """Say that the run in output_dir has passed its checks (data read, device found, weights
+    loaded) and starts its work: from now on a failure keeps what the run wrote (its
+    checkpoint, to resume from). Before this, `discard_unstarted_runs` removes it."""
+    _unstarted.pop(Path(output_dir).resolve(), None)
+
+
+def discard_unstarted_runs() -> list[Path]:
+    """Remove what each claimed-but-unstarted run of this process wrote, so that the corrected
+    command can use the same folder without --overwrite. Called by `cli.run_main` when a
+    run fails; files that were in a folder before its claim (a run being resumed) are kept."""
+    removed = []
+    for output_dir, existed in list(_unstarted.items()):
+        _unstarted.pop(output_dir)
+        if not output_dir.is_dir():
+            continue
+        if existed is None:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        else:
+            for entry in output_dir.iterdir():
+                if entry.name in existed:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        removed.append(output_dir)
+    return removed
 
 
 def prepare_output_dir(output_dir: Path, config: dict[str, Any], *, overwrite: bool = False,

@@ -298,3 +298,47 @@ def mnist_photo(digit, size: int = 90, canvas=(200, 150), at=(70, 40)):
     paper = Image.new("L", canvas, 255)
     paper.paste(ink, at)
     return paper.convert("RGB")
+
+
+def interrupt_after(script: str, output_dir: Path, *args: str, pattern: str, timeout: float = 300,
+                    env: dict[str, str] | None = None) -> str:
+    """Start `python <script> --output-dir DIR <args>` in a new interpreter, and send it SIGTERM
+    (a killed job; Ctrl-C is SIGINT) as soon as a line of its stdout matches `pattern` (say,
+    the line printed once epoch k's checkpoint is written). Returns the stdout read so far;
+    fails the test if the run ends, or `timeout` passes, before the pattern is seen."""
+    import signal
+
+    command = [sys.executable, str(REPO / script), "--output-dir", str(output_dir), *map(str, args)]
+    process = subprocess.Popen(command, cwd=REPO, env=env or script_env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen, deadline, matcher = [], time.monotonic() + timeout, re.compile(pattern)
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([process.stdout], [], [], 1.0)
+            if not ready:
+                continue
+            line = process.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if matcher.search(line):
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+                return "".join(seen)
+        raise AssertionError(f"{script} never printed a line matching {pattern!r} "
+                             f"(exit {process.poll()})\n{''.join(seen)[-4000:]}")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+def assert_failed_start_left_nothing(output_dir: Path, existed_before: bool = False) -> None:
+    """A run that failed before training left no file behind: the folder is gone (or, if it
+    existed before the run, it is empty), so the corrected command needs no --overwrite."""
+    output_dir = Path(output_dir)
+    if existed_before:
+        assert output_dir.is_dir() and not any(output_dir.iterdir()), sorted(output_dir.iterdir())
+    else:
+        assert not output_dir.exists(), sorted(p.name for p in output_dir.iterdir())
