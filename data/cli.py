@@ -37,12 +37,14 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
     A run that fails (or is interrupted) before its training started leaves nothing behind:
     what it wrote in its output folder is removed (`outputs.discard_unstarted_runs`), so the
     corrected command can use the same folder without --overwrite."""
+    from data import outputs  # here, not at the top: data.outputs imports this module
+
     try:
         main(argv)
     except BaseException as exc:
-        if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
-            from data import outputs  # here, not at the top: data.outputs imports this module
-
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            outputs.forget_unstarted_runs()
+        else:
             outputs.discard_unstarted_runs()
         if isinstance(exc, UserError):
             print(f"error: {exc}", file=sys.stderr)
@@ -51,6 +53,7 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
             print("interrupted", file=sys.stderr)
             sys.exit(130)
         raise
+    outputs.forget_unstarted_runs()  # a run that ends well keeps all it wrote
 
 
 # --- Config files -----------------------------------------------------------------

@@ -153,6 +153,11 @@ def training_started(output_dir: Path) -> None:
     _unstarted.pop(Path(output_dir).resolve(), None)
 
 
+def forget_unstarted_runs() -> None:
+    """The process ends well: nothing it claimed is to be removed."""
+    _unstarted.clear()
+
+
 def discard_unstarted_runs() -> list[Path]:
     """Remove what each claimed-but-unstarted run of this process wrote, so that the corrected
     command can use the same folder without --overwrite. Called by `cli.run_main` when a

@@ -7,16 +7,18 @@ import json
 import numpy as np
 import pytest
 
-from data.cli import UserError
+from data.cli import UserError, run_main
 from data.outputs import (
     atomic_path,
     check_resume_config,
+    discard_unstarted_runs,
     draw_boxes,
     plot_confusion,
     plot_curves,
     plot_image_grid,
     prepare_output_dir,
     run_facts,
+    training_started,
     write_json,
     write_metrics,
     write_split,
@@ -154,3 +156,70 @@ def test_print_detections_one_line_per_box(capsys):
     assert lines == ["a.jpg  banana  0.912  1 3 30 40"]
     assert print_detections("b.jpg", np.zeros((0, 4)), [], [], ["apple"], 0.3) == []
     assert capsys.readouterr().out.splitlines() == [lines[0], "b.jpg  nothing found (score >= 0.3)"]
+
+
+# --- A failed start leaves nothing behind ---------------------------------------------------
+
+
+def _failing_main(output_dir, *, fail_after_start=False, resume=False, error=None):
+    """A chapter's main in miniature: claim the folder, write files, then fail."""
+    def main(argv):
+        prepare_output_dir(output_dir, {"epochs": 1}, resume=resume)
+        (output_dir / "smoke-data").mkdir()
+        (output_dir / "smoke-data" / "a.txt").write_text("x")
+        if fail_after_start:
+            training_started(output_dir)
+            (output_dir / "checkpoint.npz").write_text("epoch 1")
+        raise error or UserError("no data")
+    return main
+
+
+@pytest.mark.parametrize("error", [UserError("no data"), KeyboardInterrupt(), RuntimeError("bug")])
+def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path, error):
+    output_dir = tmp_path / "runs" / "chapter"
+    with pytest.raises(SystemExit if not isinstance(error, RuntimeError) else RuntimeError):
+        run_main(_failing_main(output_dir, error=error))
+    assert not output_dir.exists()
+    # the corrected command takes the same folder without --overwrite
+    prepare_output_dir(output_dir, {"epochs": 1})
+    assert (output_dir / "config.json").is_file()
+
+
+def test_a_failed_start_in_an_existing_folder_removes_only_its_own_files(tmp_path):
+    output_dir = tmp_path / "mine"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("the user's own file")
+    with pytest.raises(SystemExit):
+        run_main(_failing_main(output_dir))
+    assert sorted(p.name for p in output_dir.iterdir()) == ["notes.txt"]
+
+
+def test_a_failure_after_training_started_keeps_the_checkpoint(tmp_path):
+    output_dir = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        run_main(_failing_main(output_dir, fail_after_start=True))
+    assert (output_dir / "checkpoint.npz").is_file() and (output_dir / "config.json").is_file()
+
+
+def test_a_failed_resume_keeps_the_run_it_was_resuming(tmp_path):
+    output_dir = tmp_path / "run"
+    prepare_output_dir(output_dir, {"epochs": 1})
+    (output_dir / "checkpoint.npz").write_text("epoch 1")
+    training_started(output_dir)  # the first run trained
+    with pytest.raises(SystemExit):
+        run_main(_failing_main(output_dir, resume=True))
+    assert sorted(p.name for p in output_dir.iterdir()) == ["checkpoint.npz", "config.json"]
+
+
+def test_a_successful_run_is_not_touched_by_the_cleanup(tmp_path):
+    output_dir = tmp_path / "eval"
+
+    def main(argv):  # an evaluation-only run never calls training_started and succeeds
+        prepare_output_dir(output_dir, {"epochs": 1})
+        write_json(output_dir / "metrics.json", {"accuracy": 1.0})
+
+    run_main(main)
+    with pytest.raises(SystemExit):  # a later failing run in the same process
+        run_main(_failing_main(tmp_path / "other"))
+    assert sorted(p.name for p in output_dir.iterdir()) == ["config.json", "metrics.json"]
+    assert discard_unstarted_runs() == []
