@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
+import threading
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,14 +33,25 @@ class UserError(Exception):
     """A problem the user can fix; shown as one line, never as a traceback."""
 
 
-def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
-    """Run a chapter's main(); turn UserError and Ctrl-C into a clean exit.
+class Terminated(BaseException):
+    """SIGTERM (a killed job, `kill PID`, a scheduler's time-out), raised like Ctrl-C."""
 
-    A run that fails (or is interrupted) before its training started leaves nothing behind:
-    what it wrote in its output folder is removed (`outputs.discard_unstarted_runs`), so the
-    corrected command can use the same folder without --overwrite."""
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """Run a chapter's main(); turn UserError, Ctrl-C and SIGTERM into a clean exit.
+
+    A run that fails (or is interrupted or killed) before its training started leaves nothing
+    behind: what it wrote in its output folder is removed (`outputs.discard_unstarted_runs`),
+    so the corrected command can use the same folder without --overwrite. Once training has
+    started, its files stay (the last epoch's checkpoint, to resume from)."""
     from data import outputs  # here, not at the top: data.outputs imports this module
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main(argv)
     except BaseException as exc:
@@ -52,6 +65,9 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
         if isinstance(exc, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        if isinstance(exc, Terminated):
+            print("terminated (SIGTERM)", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
         raise
     outputs.forget_unstarted_runs()  # a run that ends well keeps all it wrote
 

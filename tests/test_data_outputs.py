@@ -223,3 +223,28 @@ def test_a_successful_run_is_not_touched_by_the_cleanup(tmp_path):
         run_main(_failing_main(tmp_path / "other"))
     assert sorted(p.name for p in output_dir.iterdir()) == ["config.json", "metrics.json"]
     assert discard_unstarted_runs() == []
+
+
+def test_a_run_killed_with_sigterm_before_training_leaves_nothing(tmp_path):
+    """`kill PID` during the set-up (a slow download, say): the same clean-up as Ctrl-C."""
+    import subprocess
+    import sys
+
+    output_dir = tmp_path / "run"
+    code = f"""
+import os, signal
+from pathlib import Path
+from data.cli import run_main
+from data.outputs import prepare_output_dir
+
+def main(argv):
+    prepare_output_dir(Path({str(output_dir)!r}), {{"epochs": 1}})
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise AssertionError("SIGTERM did not stop the run")
+
+run_main(main)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 143, result.stderr
+    assert result.stderr.strip() == "terminated (SIGTERM)"
+    assert not output_dir.exists()
