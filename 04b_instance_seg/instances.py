@@ -93,13 +93,15 @@ def to_instances(detections: dict, index: int, scale: float, height: int, width:
     bool masks in the photo's own pixels (the format of data.detection_eval)."""
     kept = np.asarray(detections["valid"][index], bool)
     boxes = np.asarray(detections["boxes"][index], np.float32)[kept] / scale
-    boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
     labels = np.asarray(detections["classes"][index])[kept].astype(np.int64) - 1
     scores = np.asarray(detections["scores"][index], np.float32)[kept]
     probabilities = np.asarray(detections["masks"][index], np.float32)[kept]
     masks = np.zeros((len(boxes), height, width), bool)
     for k, (box, probability) in enumerate(zip(boxes, probabilities, strict=True)):
+        # The whole box, even where it runs into the letterbox padding: the mask spans it
+        # all, and paste_mask keeps only the part inside the photo.
         masks[k] = paste_mask(probability, box, height, width) >= 0.5
+    boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
     return {"boxes": boxes, "labels": labels, "scores": scores, "masks": masks}
 
 

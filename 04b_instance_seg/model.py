@@ -4,7 +4,7 @@ Follow one S x S image through `MaskRCNN`:
 
 1. **Backbone** (`build_backbone`): a ResNet from KerasHub (`keras_hub.models.ResNetBackbone`)
    gives feature maps C2..C5 at strides 4, 8, 16, 32. From scratch it is a small ResNet;
-   `--weights imagenet` loads KerasHub's ImageNet ResNet-18 preset instead.
+   `--weights imagenet` loads KerasHub's ImageNet ResNet-18 preset instead, its BatchNorm frozen.
 2. **FPN** (`build_network`): 1x1 lateral convs, a top-down path (upsample and add) and a
    3x3 conv per level give P2..P5 with `fpn_channels` each (P6, a stride-2 pool of P5,
    only for the RPN when `rpn_max_level = 6`).
@@ -14,12 +14,13 @@ Follow one S x S image through `MaskRCNN`:
 4. **Proposals** (`propose`): the top-scoring anchors are decoded into boxes (Keras'
    `decode_deltas_to_boxes`), clipped, and thinned by NMS (`tf.image.combined_non_max_suppression`).
 5. **RoIAlign** (`roi_align.py`): a 7x7 crop of the right pyramid level for every proposal
-   (14x14 for the mask head), with the half-pixel correction `crop_and_resize` needs.
+   (14x14 for the mask head), with the half-pixel correction `crop_and_resize` needs and
+   torchvision's rule at the map's edge.
 6. **Box head**: two dense layers, then class scores (background + classes) and one set of
    box deltas per class. **Mask head**: `mask_head_convs` 3x3 convs (the paper has 4, the
    shapes config 2), a 2x up-convolution, and one 28x28 mask logit map per class.
 7. **Detections** (`detect`): per-class NMS on the refined boxes, then the mask head on the
-   kept boxes; `masks.py` pastes each 28x28 mask back into the full-size photo.
+   kept boxes; `instances.py` pastes each 28x28 mask into its whole box in the full-size photo.
 
 Training (`compute_losses`) adds the targets of `targets.py` and five losses: RPN class, RPN
 box, head class, head box, mask. All shapes are fixed (ground truth padded to G boxes, R
@@ -50,6 +51,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ROI_SIZE, MASK_ROI_SIZE, MASK_SIZE = 7, 14, 28
 IMAGENET_PRESET = "resnet_18_imagenet"
+# That preset's network (KerasHub's timm converter, `convert_resnet.py`, for "resnet18").
+RESNET_18 = {"input_conv_filters": [64], "input_conv_kernel_sizes": [7],
+             "stackwise_num_filters": [64, 128, 256, 512], "stackwise_num_blocks": [2, 2, 2, 2],
+             "stackwise_num_strides": [1, 2, 2, 2], "block_type": "basic_block", "use_pre_activation": False}
 # The keys of the run's config that define the network and its inference (saved as model.json).
 ARCH_KEYS = ("image_size", "fpn_channels", "anchor_size", "aspect_ratios", "rpn_max_level",
              "box_head_units", "mask_head_convs", "rpn_pre_nms_test", "rpn_post_nms_test",
@@ -73,19 +78,59 @@ def scratch_backbone_config(cfg: dict) -> dict:
 
 
 def build_backbone(weights: str, backbone_config: dict | None):
-    """(keras_hub ResNetBackbone, its config). `weights` is "none" or "imagenet"."""
+    """(keras_hub ResNetBackbone, its config). `weights` is "none" or "imagenet".
+
+    The ImageNet backbone's BatchNorm layers are frozen (scale, shift and statistics), as
+    torchvision's FrozenBatchNorm2d and matterport's train_bn=False do: 4-8 pictures per
+    step are too few to estimate a BatchNorm's statistics, and ImageNet's are good ones.
+    The from-scratch backbone has no statistics worth keeping; its BatchNorm trains."""
     import keras_hub
 
     if weights == "imagenet":
-        try:
-            backbone = keras_hub.models.ResNetBackbone.from_preset(IMAGENET_PRESET)
-        except Exception as exc:  # offline: kagglehub / requests raise many kinds of error
-            raise UserError(f"could not download the {IMAGENET_PRESET} weights "
-                            f"({type(exc).__name__}); without internet use --weights none") from None
-        keys = ("input_conv_filters", "input_conv_kernel_sizes", "stackwise_num_filters",
-                "stackwise_num_blocks", "stackwise_num_strides", "block_type", "use_pre_activation")
-        return backbone, {key: backbone.get_config()[key] for key in keys}
+        backbone = load_imagenet_backbone()
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False  # Keras then also runs it in inference mode
+        return backbone, {key: backbone.get_config()[key] for key in RESNET_18}
     return keras_hub.models.ResNetBackbone(**backbone_config), backbone_config
+
+
+def imagenet_cache_folder() -> str:
+    """Where kagglehub keeps the downloaded preset ($KAGGLEHUB_CACHE, else ~/.cache/kagglehub)."""
+    import keras_hub
+    from kagglehub.cache import get_cached_path
+    from kagglehub.handle import parse_model_handle
+
+    handle = keras_hub.models.ResNetBackbone.presets[IMAGENET_PRESET]["kaggle_handle"]
+    return get_cached_path(parse_model_handle(handle.removeprefix("kaggle://")))
+
+
+def load_imagenet_backbone():
+    """KerasHub's preset, downloaded once into kagglehub's cache; each failure is one line."""
+    import keras_hub
+    import requests
+
+    folder = imagenet_cache_folder()
+    try:
+        backbone = keras_hub.models.ResNetBackbone.from_preset(IMAGENET_PRESET)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        if isinstance(exc, requests.RequestException):  # no connection, a proxy, a timeout
+            raise UserError(f"--weights imagenet: cannot download {IMAGENET_PRESET}, offline? ({reason}); "
+                            f"connect once, or copy {folder} from a machine that has it, "
+                            "or use --weights none") from None
+        if isinstance(exc, FileNotFoundError):  # KerasHub's word for a file Kaggle does not serve
+            raise UserError(f"--weights imagenet: {IMAGENET_PRESET} not found on Kaggle ({reason}); "
+                            "update keras-hub, or use --weights none") from None
+        # Anything else: a cached file cut short, corrupt, or of another model.
+        raise UserError(f"--weights imagenet: the cached {IMAGENET_PRESET} in {folder} does not load "
+                        f"({reason}); delete that folder to download it again") from None
+    found = {key: backbone.get_config().get(key) for key in RESNET_18}
+    if found != RESNET_18:
+        raise UserError(f"--weights imagenet: {folder} holds another network ({found['block_type']}, "
+                        f"blocks {found['stackwise_num_blocks']}), not ResNet-18; delete that folder "
+                        "to download it again")
+    return backbone
 
 
 # --- Network: backbone + FPN + RPN head, and the two RoI heads ------------------------------

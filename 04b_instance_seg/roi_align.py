@@ -8,10 +8,17 @@ wants the centres of n equal bins of the box in pixel-*corner* coordinates (pixe
 tensorpack's `model_box.py`):
 
     first sample  x0 + spacing / 2 - 0.5     last sample  x1 - spacing / 2 - 0.5
-    normalised by (W - 1), with spacing = (x1 - x0) / n
+    with spacing = (x1 - x0) / n, then normalised by the map's (W - 1)
 
 Without it every crop is shifted by about half a pixel and stretched by one bin, which
 the mask head learns to undo badly (tests/test_04b_instance_seg_units.py checks a ramp).
+
+At the border of a map, samples follow torchvision's RoIAlign (its CPU kernel's
+`bilinear_interpolate`): a sample within one pixel outside [0, size - 1] takes the edge
+value, one further out is 0. `crop_and_resize` would give 0 for both (its
+`extrapolation_value`), so a small box touching the edge of a map would get a zero first
+or last row of bins. Padding the map with a copy of its edge row and column (so pixel i
+becomes i + 1, and the normaliser the padded map's W + 1) gives torchvision's rule exactly.
 
 Two more choices, both deliberate:
 - the boxes go through `tf.stop_gradient`: the proposals are inputs to the second stage,
@@ -39,15 +46,16 @@ def crop_and_resize_aligned(features, boxes, box_indices, crop_size: int, stride
     """
     boxes = tf.stop_gradient(tf.cast(boxes, tf.float32)) / stride
     x0, y0, x1, y1 = tf.unstack(boxes, axis=1)
-    height = tf.cast(tf.shape(features)[1], tf.float32)
-    width = tf.cast(tf.shape(features)[2], tf.float32)
+    # One copy of the edge on every side (see the module docstring): pixel i is now i + 1.
+    padded = tf.pad(features, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+    norm_y = tf.cast(tf.shape(padded)[1], tf.float32) - 1.0
+    norm_x = tf.cast(tf.shape(padded)[2], tf.float32) - 1.0
     spacing_x = (x1 - x0) / crop_size
     spacing_y = (y1 - y0) / crop_size
-    norm_x, norm_y = tf.maximum(width - 1.0, 1.0), tf.maximum(height - 1.0, 1.0)
-    normalised = tf.stack([(y0 + spacing_y / 2 - 0.5) / norm_y, (x0 + spacing_x / 2 - 0.5) / norm_x,
-                           (y1 - spacing_y / 2 - 0.5) / norm_y, (x1 - spacing_x / 2 - 0.5) / norm_x],
+    normalised = tf.stack([(y0 + spacing_y / 2 + 0.5) / norm_y, (x0 + spacing_x / 2 + 0.5) / norm_x,
+                           (y1 - spacing_y / 2 + 0.5) / norm_y, (x1 - spacing_x / 2 + 0.5) / norm_x],
                           axis=1)
-    return tf.image.crop_and_resize(features, normalised, box_indices, [crop_size, crop_size],
+    return tf.image.crop_and_resize(padded, normalised, box_indices, [crop_size, crop_size],
                                     method="bilinear", extrapolation_value=0.0)
 
 

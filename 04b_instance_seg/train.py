@@ -19,6 +19,8 @@ How to run
     python 04b_instance_seg/train.py                          # shapes, ~30 min on 2 cores
     python 04b_instance_seg/train.py --dataset pennfudan      # pedestrians, ~60 min
     python 04b_instance_seg/train.py --weights imagenet       # ImageNet ResNet-18 (internet)
+    python 04b_instance_seg/train.py --dataset pennfudan --weights coco --image-size 512 --learning-rate 0.0001
+                                          # fine-tune torchvision's COCO Mask R-CNN (internet)
     python 04b_instance_seg/train.py --smoke                  # tiny pictures, under a minute
     python 04b_instance_seg/train.py --resume                 # continue an interrupted run
     python 04b_instance_seg/predict.py --model-path runs/04b_instance_seg/model.weights.h5 photo.jpg
@@ -57,20 +59,21 @@ LOSS_TERMS = ("rpn_class", "rpn_box", "head_class", "head_box", "mask")
 
 
 def parse(argv) -> tuple[dict, object]:
-    """The resolved config; with --dataset pennfudan and no --config, pennfudan.toml first."""
+    """The resolved config. With --dataset pennfudan, pennfudan.toml's values replace
+    config.toml's defaults; --config FILE, [smoke] and flags then apply on top, as always."""
     parser = ChapterParser(__doc__, CONFIG_PATH, CHAPTER)
     cfg, args = parser.parse_config(argv)
-    if cfg["dataset"] == "pennfudan" and args.config is None:
-        import sys
-
-        argv = list(sys.argv[1:] if argv is None else argv)
-        cfg, args = parser.parse_config([*argv, "--config", str(PENNFUDAN_CONFIG)])
+    if cfg["dataset"] == "pennfudan":
+        parser.defaults = cli.merge_config(parser.defaults, cli.read_toml(PENNFUDAN_CONFIG),
+                                           str(PENNFUDAN_CONFIG))
+        cfg, args = parser.parse_config(argv)
     return cfg, args
 
 
 def check_config(cfg: dict) -> None:
     require(cfg["dataset"] in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}, got {cfg['dataset']!r}")
-    require(cfg["weights"] in ("none", "imagenet"), f"--weights must be none or imagenet, got {cfg['weights']!r}")
+    require(cfg["weights"] in ("none", "imagenet", "coco"),
+            f"--weights must be none, imagenet or coco, got {cfg['weights']!r}")
     require(cfg["image_size"] >= 64 and cfg["image_size"] % 32 == 0,
             f"--image-size must be a multiple of 32, at least 64, got {cfg['image_size']}")
     for key in ("epochs", "batch_size", "train_images", "val_images", "test_images", "max_shapes",
@@ -224,6 +227,10 @@ def batches(examples: list[Example], cfg: dict, max_instances: int, epoch: int):
 def build_model(cfg: dict, class_names: list[str]):
     import model as maskrcnn
 
+    if cfg["weights"] == "coco":  # torchvision's COCO Mask R-CNN with new predictors (coco_finetune.py)
+        import coco_finetune
+
+        return coco_finetune.build_model(cfg, class_names)
     backbone, backbone_config = maskrcnn.build_backbone(
         cfg["weights"], maskrcnn.scratch_backbone_config(cfg))
     arch = {key: cfg[key] for key in maskrcnn.ARCH_KEYS}
@@ -449,11 +456,15 @@ def main(argv=None) -> dict:
         print(f"resumed from {output_dir / 'checkpoint.npz'} after epoch {state['epoch']}")
     print(f"{cfg['dataset']}: {data.num_train} training images per epoch, {len(data.val)} validation, "
           f"{model.count_params():,} parameters", flush=True)
+    if state["epoch"] < cfg["epochs"]:  # from here a failure keeps the run's files, to resume
+        outputs.training_started(output_dir)
     state = run_epochs(model, optimizer, data, cfg, output_dir, state, start)
 
+    import coco_finetune
     import model as maskrcnn
 
-    best = maskrcnn.load_model(output_dir / "model.weights.h5")  # the best validation epoch
+    load = coco_finetune.load_model if cfg["weights"] == "coco" else maskrcnn.load_model
+    best = load(output_dir / "model.weights.h5")  # the best validation epoch
     metrics = {}
     test = predictions = None
     if cfg["evaluate_test"]:  # the test set, once
