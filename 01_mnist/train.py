@@ -304,6 +304,9 @@ def main(argv=None) -> dict:
     else:
         model = network.build(cfg)
         network.compile_for_training(model, cfg, -(-len(data.train.labels) // cfg["batch_size"]))
+        # Device, data and model are ready: from here a failure keeps the run's files.
+        # Before this line it leaves nothing, so the retry needs no --overwrite.
+        outputs.training_started(output_dir)
         run = train(model, cfg, data, network.KeepBestEpoch())
         outputs.plot_curves({k: run.history[k] for k in ("loss", "val_loss", "accuracy", "val_accuracy")},
                             output_dir / "curves.png", title=f"MNIST {cfg['model']}")

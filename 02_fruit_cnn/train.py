@@ -165,6 +165,9 @@ def main(argv=None) -> dict:
 
     net = model.build_model(cfg["image_size"], cfg["filters"], cfg["dense_units"])
     net.summary(print_fn=print)
+    # Device and data are ready: from here a failure keeps the run's files. Before this
+    # line it leaves nothing, so the retry needs no --overwrite.
+    outputs.training_started(output_dir)
     history, seconds = model.fit(net, data.train_images, data.train_labels, cfg)
 
     test_probs = model.probabilities(net, data.test_images) if cfg["evaluate_test"] else None

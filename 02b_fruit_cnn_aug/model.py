@@ -7,6 +7,9 @@ to import); predict.py imports it after the one-line checks of its arguments.
 from __future__ import annotations
 
 import ctypes.util
+import os
+import re
+import warnings
 from pathlib import Path
 
 import keras
@@ -68,7 +71,15 @@ def build_model(cfg: dict) -> keras.Model:
             x = layers.MaxPooling2D()(x)
         x = layers.GlobalAveragePooling2D()(x)  # no Flatten->Dense: far fewer weights to overfit
     else:
-        x = load_backbone(cfg)(inputs, training=False)  # keep ImageNet's batch-norm statistics
+        backbone = load_backbone(cfg)
+        # Keep ImageNet's batch-norm statistics: those of a batch of 32 fruit photos are
+        # noisy. A non-trainable BatchNormalization layer always normalises with its moving
+        # statistics; `backbone(inputs, training=False)` alone does not do it in Keras 3,
+        # whose models pass fit's training=True on to the models nested in them.
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+        x = backbone(inputs, training=False)
     x = layers.Dropout(cfg["dropout"])(x)
     outputs_ = layers.Dense(NUM_CLASSES, activation="softmax")(x)
     return keras.Model(inputs, outputs_, name=CHAPTER)
@@ -86,16 +97,32 @@ def load_backbone(cfg: dict) -> keras.Model:
     constructor = getattr(keras.applications, BACKBONES[cfg["backbone"]])
     size = cfg["image_size"]
     try:
-        return constructor(input_shape=(size, size, 3), include_top=False,
-                           weights=cfg["weights"], pooling="avg")
+        # Keras warns that its ImageNet weights were trained at 224 px: the convolutions work
+        # at image_size too, and the warning would only crowd a one-line error.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return constructor(input_shape=(size, size, 3), include_top=False,
+                               weights=cfg["weights"], pooling="avg")
     except Exception as exc:  # keras.utils.get_file raises a bare Exception when offline
+        reason = " ".join(str(exc).split())  # keep it to one line
         if cfg["weights"] == "imagenet":
-            reason = " ".join(str(exc).split())[:300]  # keep it to one line
-            raise UserError(f"could not download the ImageNet weights for {cfg['backbone']} "
-                            f"({reason}); offline, train from scratch with --weights none"
-                            ) from None
+            raise UserError(imagenet_failure(cfg["backbone"], reason)) from None
         raise UserError(f"--weights {cfg['weights']}: not {cfg['backbone']} weights "
-                        f"(include_top=False): {exc}") from None
+                        f"(include_top=False): {reason[:300]}") from None
+
+
+def imagenet_failure(backbone: str, reason: str) -> str:
+    """What failed in --weights imagenet, and the fixes for a machine without internet: the
+    file from the Keras cache of one with internet, or a weights file, or no weights."""
+    url = re.search(r"https?://\S+?\.h5", reason)  # keras names the file it tried to fetch
+    name = url.group(0).rsplit("/", 1)[1] if url else f"the {backbone} weights file"
+    cache = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "models"
+    failed = (f"could not download {name} ({reason.split(' -- ')[-1][:120]})"
+              if "URL fetch failure" in reason else f"could not load {name} ({reason[:200]})")
+    return (f"--weights imagenet: {failed}; without internet, copy {name} from "
+            f"~/.keras/models (or $KERAS_HOME/models) of a machine with internet into {cache}/, "
+            f"or pass --weights PATH (a .weights.h5 file of {backbone}, include_top=False), "
+            "or --weights none")
 
 
 def probabilities(model: keras.Model, images: np.ndarray) -> np.ndarray:

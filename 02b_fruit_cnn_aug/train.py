@@ -78,7 +78,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data import classify, cli, fruits, outputs, splits
+from data import classify, cli, fruits, outputs, splits, synthetic
 from data.cli import ChapterParser, require, run_main, seed_everything
 from data.intervals import paired_bootstrap
 
@@ -87,6 +87,10 @@ CONFIG_PATH = Path(__file__).with_name("config.toml")
 BACKBONES = ("mobilenet_v3_small", "efficientnet_b0")
 FLIPS = ("horizontal_and_vertical", "horizontal", "vertical", "none")
 DEVICES = ("auto", "cpu", "cuda")
+# --smoke draws its pictures: 32 training pictures per class (104 train, 24 val) so that the
+# small smoke model learns in seconds, and 25 test pictures per class, enough test photos
+# (100) to tell a model that learned from chance (the smoke test's bar).
+SMOKE_TRAIN_PER_CLASS, SMOKE_TEST_PER_CLASS = 32, 25
 
 # --- Config ------------------------------------------------------------------------
 
@@ -147,11 +151,14 @@ class Split(NamedTuple):
 def load_data(data_dir: Path, smoke: bool, output_dir: Path, cfg: dict) -> FruitData:
     """Decode every photo once through the shared reader, squashed to a square.
 
-    The real set, or with --smoke a tiny synthetic one in the same layout (8 train / 3 test
-    pictures per class). The test folder is listed and decoded only when evaluate_test.
+    The real set (downloaded on first use), or with --smoke a small synthetic one drawn in
+    the same layout and read back through the same loader. The test folder is listed and
+    decoded only when evaluate_test.
     """
-    records, test_records = fruits.load_fruits_or_smoke(data_dir, smoke, output_dir, cfg["seed"],
-                                                       test=cfg["evaluate_test"])
+    if smoke:
+        data_dir = output_dir / "smoke-data"
+        synthetic.write_fruits(data_dir, SMOKE_TRAIN_PER_CLASS, SMOKE_TEST_PER_CLASS, cfg["seed"])
+    records, test_records = fruits.load_fruits(data_dir, fetch=not smoke, test=cfg["evaluate_test"])
     start = time.monotonic()
     images, labels = fruits.decode_images(records, cfg["image_size"])
     test_images, test_labels = (fruits.decode_images(test_records, cfg["image_size"])
@@ -291,6 +298,9 @@ def main(argv=None) -> dict:
     data = load_data(args.data_dir, args.smoke, output_dir, cfg)
     split = split_training_images(data.records, cfg, excluded)
 
+    # Device, weights and data are ready: from here a failure keeps the run's files. Before
+    # this line it leaves nothing, so the retry needs no --overwrite.
+    outputs.training_started(output_dir)
     run = training.fit_and_score(cfg, data.images, data.labels, split.train, split.val)
     audit_metrics = {}
     if cfg["audit"]:  # rank the photos by the loss of a model that trained on all of them

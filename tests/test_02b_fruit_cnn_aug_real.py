@@ -28,9 +28,12 @@ def test_real_data_brief_training_beats_chance(tmp_path, shared_datasets: Path):
                           "--image-size", "96", "--epochs", "6",
                           env=env, timeout=400, fresh=True)
     print({k: v for k, v in metrics.items() if "accuracy" in k}, metrics["train_seconds"])
-    # Chance is 0.32 (always "apple") on test; a few epochs of a working pipeline clear 0.4
-    # (measured with one core: val 0.92 after these 6 epochs, 0.94 after 12).
-    assert max(metrics["val_accuracy"], metrics["test_accuracy"]) > 0.4
+    # The bar is on the 60 test photos, which choose nothing (validation picks the kept
+    # epoch). Baselines: always "apple" gets 19 of 60 (0.317); guessing among the 4 classes
+    # gets more than 23 right only 1% of the time (0.383). Measured: test 0.80 (48 of 60),
+    # val 0.92, after these 6 epochs. The bar, 39 of 60 (0.65), is 9 photos below that
+    # and 16 above what guessing reaches: a pipeline that stops learning well fails it.
+    assert metrics["test_accuracy"] >= 0.65, metrics["test_accuracy"]
     assert metrics["epochs_run"] == 6  # patience 0: never stopped early
     split = json.loads((tmp_path / "run/split.json").read_text())
     assert len(split["train"]) + len(split["val"]) == 240 and len(split["test"]) == 60
