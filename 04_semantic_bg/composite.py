@@ -33,8 +33,15 @@ judge them, but never silently. A person below --min-person is "no person found"
 error (exit 2), with only the mask written. An untrained model (--weights random) gets no
 range check.
 
-A folder that holds an earlier composite is refused unless --overwrite. --device auto
-uses a CUDA GPU when torch sees one; --num-threads 0 uses all CPU cores.
+Weights: --weights coco (the default) is torchvision's COCO_WITH_VOC_LABELS_V1 file for
+--model, downloaded once into torch.hub's cache, $TORCH_HOME/hub/checkpoints/ (by default
+~/.cache/torch/hub/checkpoints/), and read from there afterwards: copied there, the file
+works offline. A cached file that cannot be used (cut off, or another model's) is named in
+one line: delete it, and the next run downloads it again.
+
+A folder that holds an earlier composite is refused unless --overwrite; a run that fails
+before it segments the photo (a missing file, no GPU, no weights) leaves nothing there.
+--device auto uses a CUDA GPU when torch sees one; --num-threads 0 uses all CPU cores.
 
 Outputs in --output-dir: composite_<mode>.jpg, mask.png (the alpha matte), figure.png
 (mask | person cut out | background with the person's hole), metrics.json (the person
@@ -63,6 +70,7 @@ import matting
 import numpy as np
 from PIL import Image
 
+from data import outputs
 from data.cli import ChapterParser, UserError, require, run_main, seed_everything
 from data.images import read_rgb
 from data.outputs import atomic_path, plot_image_grid, prepare_output_dir, run_facts, write_json
@@ -198,6 +206,9 @@ def main(argv=None) -> dict:
     model, person_class, working_size, description = segmenters.load_segmenter(
         cfg["weights"], cfg["model"], cfg["working_size"])
     model = segmenters.prepare_model(model, device)
+    # inputs, device and model are in hand: what is written from here is kept, even the mask of a
+    # photo with no person in it; a failure before this left nothing (data.cli.run_main)
+    outputs.training_started(output_dir)
 
     start = time.monotonic()
     probability = segmenters.segment_photo(model, foreground, person_class, working_size, device)

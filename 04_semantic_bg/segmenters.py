@@ -197,7 +197,8 @@ def _person_head_from_voc(model: nn.Module, arch: str) -> None:
 def build_model(arch: str, num_classes: int = 2, pretrained: bool = False,
                 **model_kwargs) -> nn.Module:
     """A model whose forward returns logits (N, C, H, W). `pretrained` loads the COCO
-    weights (downloading them once); it raises UserError when they cannot be fetched."""
+    weights (downloading them once, see `coco_weights_file`); it raises UserError when they
+    cannot be downloaded or the cached file cannot be used."""
     if arch not in ARCHS:
         raise UserError(f"unknown model '{arch}' (choose from {', '.join(ARCHS)})")
     if arch == "unet":
@@ -208,18 +209,44 @@ def build_model(arch: str, num_classes: int = 2, pretrained: bool = False,
     builder, weights_enum = _torchvision_builder(arch)
     if not pretrained:  # weights_backbone=None: no ImageNet download for a random init
         return LogitsOnly(builder(weights=None, weights_backbone=None, num_classes=num_classes))
-    try:
-        model = builder(weights=weights_enum.COCO_WITH_VOC_LABELS_V1)
-    except Exception as exc:  # URLError, HTTPError, OSError, hash mismatch: all mean "no weights"
-        reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
-        raise UserError(
-            f"could not download the COCO weights for {arch} ({reason}); offline, train a model "
-            "with 04_semantic_bg/train.py --weights none and give composite.py its model.pt "
-            "as --weights PATH") from None
+    model = _coco_model(arch, builder, weights_enum.COCO_WITH_VOC_LABELS_V1)
     model.aux_classifier = None  # DeepLabV3's auxiliary head: unused here, so not kept
     if num_classes == 2:
         _person_head_from_voc(model, arch)
     return LogitsOnly(model)
+
+
+def coco_weights_file(weights) -> Path:
+    """Where torch.hub keeps the file of `weights` (a torchvision Weights enum member) once
+    downloaded: $TORCH_HOME/hub/checkpoints/ (~/.cache/torch/hub/checkpoints/ by default),
+    under the file name of its URL. Copied there on an offline machine, it is used as is:
+    torch.hub checks a file's hash only while downloading it."""
+    from urllib.parse import urlparse
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+def _coco_model(arch: str, builder, weights) -> nn.Module:
+    """torchvision's `builder(weights=weights)`: the COCO model, its file downloaded once into
+    torch.hub's cache. Every failure is one line: a cached file that cannot be used (corrupt, or
+    another model's weights) is named, to be deleted and downloaded again; else the download failed."""
+    try:
+        return builder(weights=weights)
+    except Exception as exc:  # URLError, HTTPError, OSError, hash mismatch, unpickling, wrong keys
+        lines = str(exc).strip().splitlines()
+        reason = lines[0][:120] if lines else exc.__class__.__name__
+        cached = coco_weights_file(weights)
+        if cached.is_file():
+            wrong_model = reason.startswith("Error(s) in loading state_dict")  # load_state_dict's words
+            problem = ("holds weights that do not fit the model" if wrong_model
+                       else f"is not a readable weights file ({reason})")
+            raise UserError(f"{cached} {problem}: it is not torchvision's {arch} COCO file; delete it, "
+                            "and the next run downloads it again") from None
+        raise UserError(
+            f"could not download the COCO weights for {arch} ({reason}); offline, copy "
+            f"{cached.name} from a machine that has it into {cached.parent}, or train a model with "
+            "04_semantic_bg/train.py --weights none and give composite.py its model.pt as "
+            "--weights PATH") from None
 
 
 class LogitsOnly(nn.Module):

@@ -35,7 +35,8 @@ How to run:
 The 170 photos are split (seeded; --val-fraction, --test-fraction) 120 train / 20 val /
 30 test, and split.json names them; the best epoch is measured once on test. Training
 stops early when --time-limit-minutes runs out (metrics.json: epochs_run). An earlier run
-in --output-dir is refused unless --overwrite. Outputs in --output-dir: model.pt (load it
+in --output-dir is refused unless --overwrite; a run that fails before training starts (no
+data, no GPU, no weights) leaves nothing there. Outputs in --output-dir: model.pt (load it
 with composite.py --weights PATH), metrics.json (test figures with bootstrap 95% intervals
 over the test photos, val figures, the machine and library versions), config.json,
 split.json, curves.png, predictions.png, worst.png (the test photos with the lowest IoU),
@@ -99,6 +100,7 @@ import cv2
 import numpy as np
 from photos import Cutout, Photo, load_close_ups, load_photos, photo_rows, save_grids, set_figures
 
+from data import outputs
 from data.cli import ChapterParser, require, run_main, seed_everything
 from data.outputs import plot_curves, prepare_output_dir, run_facts, write_json, write_split
 from data.pennfudan import PedRecord, load_pennfudan
@@ -369,6 +371,9 @@ def main(argv=None) -> dict:
           f"{len(split.val)} val / {len(split.test)} test photos; {len(sets.val_close_ups)} val close-ups",
           flush=True)
 
+    # data, device and weights are in hand: from here a failure keeps what the run wrote; before
+    # this, run_main removed it, so the corrected command needs no --overwrite
+    outputs.training_started(output_dir)
     start = time.monotonic()
     rng = np.random.default_rng(cfg["seed"])
     history, best, epochs_run = training.train(fit, len(sets.train), view_maker(sets.train, cfg, rng),

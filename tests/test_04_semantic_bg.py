@@ -1,8 +1,9 @@
 """Chapter 04: compositing and scoring math with known answers, the close-up crops and the
 close-up and no-person training views, the learning-rate schedule, smoke runs (learning,
-outputs, determinism, one run per folder, the untouched test split, the device flag), the
---weights PATH round trip, composite.py's out-of-range line, error paths, and a short
-real-data run.
+outputs, determinism, one run per folder, the untouched test split, the device flag), failed
+starts that leave nothing behind, the --weights PATH round trip (the file's own weights),
+composite.py's out-of-range line, and error paths. The short real-data run is in
+test_04_semantic_bg_real.py, the pretrained (COCO) paths in test_04_semantic_bg_pretrained.py.
 
 The compositing, scoring and close-up code (04_semantic_bg/matting.py, scoring.py,
 closeups.py, and train.py's data and views) is numpy/OpenCV only and is imported by path;
@@ -16,6 +17,7 @@ import importlib.util
 import json
 import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -23,8 +25,10 @@ import pytest
 from PIL import Image
 
 from data.images import read_rgb
+from data.pennfudan import load_pennfudan
 from tests.helpers import (
     REPO,
+    assert_failed_start_left_nothing,
     assert_one_line_error,
     run_chapter,
     run_python,
@@ -479,17 +483,59 @@ def test_ema_decay_ramps_up_then_holds_and_averages_known_answers(training_probe
 # --- the scripts -------------------------------------------------------------------------
 
 
+REFUSED = "http://127.0.0.1:9"  # a proxy that refuses at once: offline even on a networked machine
+OFFLINE = {"HTTPS_PROXY": REFUSED, "HTTP_PROXY": REFUSED, "https_proxy": REFUSED, "http_proxy": REFUSED,
+           "NO_PROXY": "", "no_proxy": ""}
+
+
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """train.py --smoke once, on the CPU: its outputs feed most script tests."""
-    output_dir = tmp_path_factory.mktemp("train_smoke")
+def failed_start(tmp_path_factory):
+    """A learner's first `python 04_semantic_bg/train.py` without the data: the mirror is
+    empty and the network refused, so nothing is fetched. Returns the folder it was given,
+    the run, and what it left there (None: not even the folder)."""
+    output_dir = tmp_path_factory.mktemp("train_smoke") / "run"
+    env = script_env(DLSTUDY_MIRROR=str(output_dir.parent / "empty_mirror"), **OFFLINE)
+    result = run_script(TRAIN, "--output-dir", output_dir, "--data-dir", output_dir.parent / "data",
+                        check=False, env=env, timeout=120)
+    left = sorted(path.name for path in output_dir.iterdir()) if output_dir.exists() else None
+    return output_dir, result, left
+
+
+@pytest.fixture(scope="module")
+def smoke_run(failed_start):
+    """train.py --smoke once, on the CPU, into the folder of the failed start above and
+    without --overwrite: its outputs feed most script tests."""
+    output_dir, _, _ = failed_start
     metrics = run_chapter(TRAIN, output_dir, "--smoke", "--device", "cpu", timeout=300, fresh=True)
     return output_dir, metrics
+
+
+def test_a_run_without_data_leaves_nothing_and_the_retry_needs_no_overwrite(failed_start, smoke_run):
+    output_dir, result, left = failed_start
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # after the download's own progress lines
+    assert last.startswith("error: pennfudan: could not get PennFudanPed.zip"), result.stderr
+    assert left is None, f"the failed start left {left} in {output_dir}"
+    # the corrected command (here the smoke run) then used the same folder, no --overwrite
+    assert smoke_run[0] == output_dir and (output_dir / "metrics.json").is_file()
 
 
 FIGURES = ("person_iou", "pixel_accuracy", "boundary_f1", "person_iou_ci95", "pixel_accuracy_ci95",
            "boundary_f1_ci95", "close_up_iou", "close_up_iou_ci95", "val_person_iou", "val_pixel_accuracy",
            "val_boundary_f1", "val_close_up_iou", "best_epoch")
+
+
+def _all_person_iou(run_dir, part: str, close_ups: bool) -> float:
+    """The pooled IoU of a model that calls every pixel person, on a run's `part` photos (or
+    their close-ups) at full size, as train.py scores them: person pixels / all pixels."""
+    config = json.loads((run_dir / "config.json").read_text())
+    records = {record.image_path.name: record for record in load_pennfudan(run_dir / "smoke_data", fetch=False)}
+    chosen = [records[name] for name in json.loads((run_dir / "split.json").read_text())[part]]
+    if close_ups:
+        views = photos.load_close_ups(chosen, config["image_size"], config["closeup_min_height"])
+    else:
+        views = photos.load_photos(chosen, config["image_size"])
+    return sum(int(view.full_mask.sum()) for view in views) / sum(view.full_mask.size for view in views)
 
 
 def _file_digests(folder) -> dict[str, str]:
@@ -504,8 +550,18 @@ def test_train_smoke_learns_and_writes_everything(smoke_run, training_probe):
         assert key in metrics, key
     # the default config trains under bf16 autocast where the CPU has bf16 units
     assert metrics["device"] == "cpu" and metrics["mixed_precision"] is training_probe["cpu_has_bf16"]
-    assert metrics["person_iou"] > 0.6, metrics  # the drawn people are easy to learn
-    assert metrics["close_up_iou"] > 0.6 and metrics["val_close_up_iou"] > 0.6, metrics
+    # It learns. The bars are above what a model that has learned nothing scores: all
+    # background gives IoU 0 everywhere; all person gives the share of person pixels, computed
+    # here on this run's own photos (test 0.307, test close-ups 0.581, val 0.193, val close-ups
+    # 0.523, at seed 0), and pixel accuracy 1 - that share (0.693 on the test photos).
+    # Measured (2 CPU cores, float32): test person IoU 0.941, close-up 0.984, pixel accuracy
+    # 0.981; val 0.920, val close-up 0.979.
+    for name, part, close_ups, bar in (("person_iou", "test", False, 0.75), ("close_up_iou", "test", True, 0.85),
+                                       ("val_person_iou", "val", False, 0.75),
+                                       ("val_close_up_iou", "val", True, 0.85)):
+        all_person = _all_person_iou(output_dir, part, close_ups)
+        assert metrics[name] > max(bar, all_person + 0.25), (name, metrics[name], all_person)
+    assert metrics["pixel_accuracy"] > 0.9, metrics
     for name in ("person_iou", "pixel_accuracy", "boundary_f1", "close_up_iou"):
         low, high = metrics[f"{name}_ci95"]
         assert 0 <= low <= metrics[name] <= high <= 1, name
@@ -525,6 +581,17 @@ def test_train_smoke_learns_and_writes_everything(smoke_run, training_probe):
     assert len(set(split["train"]) | set(split["val"]) | set(split["test"])) == 24
     assert all(name.startswith("FudanPed") and name.endswith(".png") for name in split["test"])
     assert not list(output_dir.glob(".*.tmp*")), "a temporary file was left behind"
+
+
+def test_a_failure_once_training_started_keeps_what_the_run_wrote(tmp_path):
+    """Once its checks have passed, a run's folder is its own (data.outputs.training_started):
+    a loss that blows up at a learning rate of 1e30 (at epoch 2: 6 training photos are one
+    batch an epoch) ends the run with one line, and its config.json and split.json stay."""
+    output_dir = tmp_path / "run"
+    result = run_script(TRAIN, "--smoke", "--smoke-images", "8", "--learning-rate", "1e30", "--device", "cpu",
+                        "--output-dir", output_dir, check=False, timeout=120)
+    assert_one_shown_error(result, "the loss became", "at epoch 2", "--learning-rate")
+    assert (output_dir / "config.json").is_file() and (output_dir / "split.json").is_file()
 
 
 def test_a_second_run_into_the_folder_is_refused_and_leaves_it_untouched(smoke_run):
@@ -669,14 +736,25 @@ def test_evaluate_refuses_photos_not_in_the_data_and_its_own_run_dir(tuning_run,
     result = run_script(EVALUATE, "--run-dir", copy, "--output-dir", copy, "--overwrite", check=False)
     assert_one_line_error(result, "--output-dir")
     assert (copy / "model.pt").is_file() and not (tmp_path / "out").exists()
+    # a failure after the output folder is claimed (no person tall enough for a close-up,
+    # found once the photos are read) leaves nothing there either
+    shutil.copy(run_dir / "split.json", copy / "split.json")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "closeup_min_height": 10_000}))
+    result = run_script(EVALUATE, "--run-dir", copy, "--output-dir", tmp_path / "out", check=False)
+    assert_one_shown_error(result, "close-up", "10000 px")
+    assert_failed_start_left_nothing(tmp_path / "out")
 
 
-def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
-    for script in (TRAIN, COMPOSITE):
-        result = run_script(script, "--smoke", "--device", "cuda", "--output-dir", tmp_path / script,
-                            check=False, env=NO_CUDA)
+def test_device_cuda_without_a_gpu_is_one_line(smoke_run, tmp_path):
+    """Exit 2 with one line in each script: a run that fell back to the CPU would exit 0 and
+    fail here. Nothing is left in the folder it was given (composite.py claims it first)."""
+    train_dir, _ = smoke_run
+    for script, args in ((TRAIN, ("--smoke",)), (COMPOSITE, ("--smoke",)), (EVALUATE, ("--run-dir", train_dir))):
+        output_dir = tmp_path / script
+        result = run_script(script, *args, "--device", "cuda", "--output-dir", output_dir, check=False, env=NO_CUDA)
         assert_one_line_error(result, "--device cuda", "--device cpu")
-    assert not (tmp_path / TRAIN).exists()  # refused before the run claims its folder
+        assert_failed_start_left_nothing(output_dir)
 
 
 def test_composite_smoke_writes_three_composites(tmp_path):
@@ -685,6 +763,16 @@ def test_composite_smoke_writes_three_composites(tmp_path):
     for mode in ("replace", "blur", "gray"):
         assert Image.open(tmp_path / f"composite_{mode}.jpg").size == (metrics["width"], metrics["height"])
     assert (tmp_path / "mask.png").is_file() and (tmp_path / "figure.png").is_file()
+
+
+# A copy of a train.py checkpoint whose U-Net head says "person" everywhere: its bias for
+# class 1 (person) 30 above that of class 0 (background).
+RAISE_PERSON_BIAS = """
+import sys, torch
+checkpoint = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+checkpoint["state_dict"]["head.bias"][:] = torch.tensor([-15.0, 15.0])
+torch.save(checkpoint, sys.argv[2])
+"""
 
 
 def test_composite_loads_the_checkpoint_train_wrote(smoke_run, tmp_path):
@@ -701,9 +789,18 @@ def test_composite_loads_the_checkpoint_train_wrote(smoke_run, tmp_path):
     assert metrics["out_of_range"] is False and 0 <= metrics["uncertain_share"] <= 1
     alpha = np.asarray(Image.open(tmp_path / "out" / "mask.png")) / 255
     iou = ((alpha > 0.5) & truth).sum() / ((alpha > 0.5) | truth).sum()
-    assert iou > 0.5, iou  # the trained smoke model finds the drawn people in the matte
+    # the trained smoke model finds the drawn people in the matte (a photo it trained on):
+    # measured IoU 0.974; a matte of all person scores the person share, 0.245 (none: 0)
+    assert iou > max(0.5, truth.mean() + 0.25), (iou, truth.mean())
     for mode in ("replace", "blur", "gray"):  # each at the foreground's full resolution
         assert Image.open(tmp_path / "out" / f"composite_{mode}.png").size == truth.shape[::-1]
+    # The file's weights are the ones used: the same checkpoint with its head's person bias
+    # raised far above the background's gives a matte of all person.
+    run_python(RAISE_PERSON_BIAS, "04_semantic_bg", args=(train_dir / "model.pt", tmp_path / "all_person.pt"))
+    edited = run_chapter(COMPOSITE, tmp_path / "edited", "--foreground", foreground, "--mode", "gray", "--weights",
+                         tmp_path / "all_person.pt", timeout=120)
+    assert edited["person_fraction"] == 1.0 and edited["max_person_probability"] > 0.999, edited
+    assert edited["out_of_range_reasons"] == ["the model calls 100% of the photo person, leaving no background"]
 
 
 def test_composite_applies_exif_orientation(smoke_run, tmp_path):
@@ -731,6 +828,17 @@ def test_composite_takes_a_grayscale_foreground_and_an_rgba_background(smoke_run
     out = np.asarray(Image.open(tmp_path / "out" / "composite_replace.png"))
     assert out.shape == (source.height, source.width, 3)
     assert metrics["person_found"]
+
+
+TQDM_BAR = re.compile(r"^\s*$|^[\w -]+:\s+\d+%\|")  # a progress bar's frame, or its wiped line
+
+
+def assert_one_shown_error(result, *words: str) -> None:
+    """assert_one_line_error, with the photo-loading progress bars left out: tqdm draws them
+    on stderr (and wipes them when done, on a terminal) before a later check fails."""
+    shown = "\n".join(line for line in result.stderr.splitlines() if not TQDM_BAR.match(line))
+    assert_one_line_error(subprocess.CompletedProcess(result.args, result.returncode, result.stdout, shown),
+                          *words)
 
 
 def _fails_with_one_line(script: str, *args, env=None, timeout: float = 60):
@@ -832,13 +940,15 @@ def test_a_photo_the_model_cannot_segment_gets_the_out_of_range_line(smoke_run, 
 def test_coco_weights_offline_fail_fast_naming_weights_path(tmp_path):
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "p.png")
     # an empty hub cache and a proxy that refuses at once: "offline" even on a networked machine
-    env = script_env(TORCH_HOME=str(tmp_path / "torch_home"), HTTPS_PROXY="http://127.0.0.1:9",
-                     HTTP_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
-                     http_proxy="http://127.0.0.1:9", NO_PROXY="", no_proxy="")
+    env = script_env(TORCH_HOME=str(tmp_path / "torch_home"), **OFFLINE)
     result, line = _fails_with_one_line(COMPOSITE, "--foreground", tmp_path / "p.png", "--mode", "gray",
                                         "--weights", "coco", "--model", "lraspp_mobilenet_v3_large",
                                         "--output-dir", tmp_path / "out", env=env, timeout=90)
     assert "--weights PATH" in line and result.seconds < 60
+    # where to copy the file on an offline machine: torch.hub's cache under $TORCH_HOME
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert f"lraspp_mobilenet_v3_large-d234d4ea.pth from a machine that has it into {cache}" in line
+    assert_failed_start_left_nothing(tmp_path / "out")  # claimed before the weights failed: removed
 
 
 def test_chapter_modules_exist():
