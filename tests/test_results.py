@@ -45,26 +45,32 @@ def shown(number: str, percent: bool, value: float) -> bool:
 
 
 def check_row(readme: Path, line: str) -> list[str]:
+    """The problems of one table row: in a cell, the numbers before each results link (back
+    to the previous link) are that file's; the next cell's k-th command is the k-th file's."""
     problems = []
     cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
     for index, cell in enumerate(cells):
-        for target in RESULT_LINK.findall(cell):
+        targets = RESULT_LINK.findall(cell)
+        if not targets:
+            continue
+        texts = RESULT_LINK.split(cell)[:-1][::2]  # the text before each link
+        commands = re.findall(r"`(python [^`]+)`", cells[index + 1] if index + 1 < len(cells) else "")
+        for k, (target, text) in enumerate(zip(targets, texts, strict=True)):
             path = (readme.parent / target).resolve()
             if not path.is_file():
                 problems.append(f"{target}: no such file")
                 continue
             record = json.loads(path.read_text())
             values = flat_numbers(record["metrics"])
-            text = RESULT_LINK.sub("", cell)
             # an interval "98.83–99.21%" is in percent when its upper end is
             text = re.sub(r"(\d+\.\d+)–(\d+\.\d+)%", r"\1% \2%", text)
             for number, percent in NUMBER.findall(text):
                 if not any(shown(number, bool(percent), v) for v in values):
                     problems.append(f"{number}{percent} is not in {target}")
-            commands = re.findall(r"`(python [^`]+)`", cells[index + 1] if index + 1 < len(cells) else "")
             stored = re.sub(r" --data-dir \S+", "", record["command"])
-            if commands and commands[0] != stored:
-                problems.append(f"command {commands[0]!r} is not {target}'s {stored!r}")
+            command = commands[k] if len(commands) == len(targets) else (commands or [None])[0]
+            if command is not None and command != stored:
+                problems.append(f"command {command!r} is not {target}'s {stored!r}")
     return problems
 
 
@@ -89,6 +95,14 @@ def test_the_checker_catches_a_wrong_figure_and_a_wrong_command(tmp_path):
     assert check_row(readme, good.replace("98.83–99.21%", "98.83–99.22%"))
     assert check_row(readme, good.replace("--seed 1", "--seed 2"))
     assert check_row(readme, good.replace("run.json", "other.json")) == ["results/other.json: no such file"]
+    # two runs in one cell: each figure is checked against the file linked after it
+    (tmp_path / "results" / "two.json").write_text(json.dumps(
+        {"command": "python x/train.py --seed 2", "metrics": {"map50": 0.8312}}))
+    both = ("| x | 99.04% [a](results/run.json) / 0.831 [b](results/two.json) | "
+            "`python x/train.py --seed 1`, `python x/train.py --seed 2` |")
+    assert check_row(readme, both) == []
+    assert check_row(readme, both.replace("0.831", "0.832")) == ["0.832 is not in results/two.json"]
+    assert check_row(readme, both.replace("--seed 2`", "--seed 3`"))
 
 
 def test_every_front_page_result_row_has_its_results_file_or_says_why():
