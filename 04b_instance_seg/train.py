@@ -28,8 +28,8 @@ How to run
 What to expect
     python 04b_instance_seg/train.py --smoke   # about 20 s on 2 cores, TF import and tracing included
     python 04b_instance_seg/train.py --output-dir runs/04b_instance_seg-shapes
-        test mask mAP@0.5 0.977 [0.965, 0.985], box mAP@0.5 0.989; best validation epoch 18
-        of 20; 18.7 min of training on 2 shared CPU cores (the README's chapter 4-1 has the rest)
+        test mask mAP@0.5 0.978 [0.967, 0.985], box mAP@0.5 0.992; best validation epoch 18
+        of 20; about 19 min of training on 2 quiet CPU cores (README.md and results/ have the rest)
 """
 
 from __future__ import annotations
@@ -460,10 +460,13 @@ def main(argv=None) -> dict:
         outputs.training_started(output_dir)
     state = run_epochs(model, optimizer, data, cfg, output_dir, state, start)
 
-    import coco_finetune
     import model as maskrcnn
 
-    load = coco_finetune.load_model if cfg["weights"] == "coco" else maskrcnn.load_model
+    load = maskrcnn.load_model
+    if cfg["weights"] == "coco":  # a fine-tune of torchvision's COCO model
+        import coco_finetune
+
+        load = coco_finetune.load_model
     best = load(output_dir / "model.weights.h5")  # the best validation epoch
     metrics = {}
     test = predictions = None
