@@ -11,8 +11,11 @@ ratios to tune for 240 photos of round apples and long bananas, and it is a sing
 which does not care about the small batches a CPU affords.
 
 - `--weights coco`: torchvision's FCOS ResNet-50 FPN trained on COCO (which has apple,
-  banana and orange among its 80 classes), its classification layer replaced by a fresh one
-  for our 3 classes. The backbone keeps COCO's frozen BatchNorm statistics.
+  banana and orange among its 80 classes), built as torchvision builds it for those weights
+  (frozen BatchNorm: COCO's statistics are kept, as a batch of 8 is too few to re-estimate
+  them; the stem and the first ResNet stage frozen), and its last classification layer
+  replaced by a fresh one for our 3 classes (COCO's head tower is kept). The weights come
+  through torch.hub's cache, `$TORCH_HOME/hub/checkpoints` (`~/.cache/torch/...`).
 - `--weights none`: the same kind of model from random weights, made small enough to
   train on 2 CPU cores: ResNet-18 with trainable BatchNorm (a batch of 8+ images gives
   usable batch statistics), a 128-channel FPN on the coarse levels only (P4..P7, strides
@@ -23,6 +26,7 @@ which does not care about the small batches a CPU affords.
 
 from __future__ import annotations
 
+import math
 import socket
 from pathlib import Path
 from typing import NamedTuple
@@ -31,15 +35,16 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.models import resnet18
-from torchvision.models.detection import FCOS, fcos_resnet50_fpn
+from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
 from torchvision.models.detection.fcos import (
     FCOS_ResNet50_FPN_Weights,
     FCOSClassificationHead,
     FCOSRegressionHead,
 )
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm import tqdm
 
 from data import outputs
@@ -73,7 +78,7 @@ def _common(arch: dict) -> dict:
 def build_model(arch: dict) -> nn.Module:
     """An untrained model for `arch` (weights come from COCO or a checkpoint, or not at all)."""
     if arch["kind"] == "fcos_resnet50_coco":
-        model = fcos_resnet50_fpn(weights=None, weights_backbone=None, **_common(arch))
+        model = coco_architecture(arch)
         _replace_classifier(model, arch["num_classes"])
         return model
     if arch["kind"] != "fcos_resnet18_scratch":
@@ -95,24 +100,61 @@ def build_model(arch: dict) -> nn.Module:
     return model
 
 
+COCO_WEIGHTS = FCOS_ResNet50_FPN_Weights.COCO_V1
+PRIOR_PROBABILITY = 0.01  # the new classifier's starting score for every class (focal loss's prior)
+
+
+def coco_architecture(arch: dict) -> nn.Module:
+    """FCOS ResNet-50 FPN exactly as `fcos_resnet50_fpn(weights=COCO_V1)` builds it (frozen
+    BatchNorm, trainable_layers=3), with COCO's 91 outputs, before any weights are loaded."""
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
+                                   trainable_layers=3, returned_layers=[2, 3, 4],
+                                   extra_blocks=LastLevelP6P7(256, 256))
+    return FCOS(backbone, num_classes=len(COCO_WEIGHTS.meta["categories"]), **_common(arch))
+
+
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:
-    model.head.classification_head = FCOSClassificationHead(
-        in_channels=model.backbone.out_channels, num_anchors=1, num_classes=num_classes)
+    """A fresh last classification layer for our classes, initialised as torchvision's FCOS
+    initialises its own: weights N(0, 0.01^2), bias -log((1 - p) / p), so that every point
+    starts at a score of p = 1% (the focal loss's prior: the first steps are not swamped by
+    the background)."""
+    head = model.head.classification_head
+    head.cls_logits = nn.Conv2d(head.cls_logits.in_channels, head.num_anchors * num_classes,
+                                kernel_size=3, padding=1)
+    nn.init.normal_(head.cls_logits.weight, std=0.01)
+    nn.init.constant_(head.cls_logits.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+    head.num_classes = num_classes
+
+
+def coco_weights_file() -> Path:
+    """Where torch.hub keeps the downloaded COCO weights: $TORCH_HOME/hub/checkpoints/<url's name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(COCO_WEIGHTS.url).name
 
 
 def coco_model(cfg: dict) -> tuple[nn.Module, dict]:
-    """FCOS ResNet-50 FPN with COCO weights and a new 3-class classifier; fails in one line."""
-    arch = coco_arch(cfg)
+    """FCOS ResNet-50 FPN with COCO weights and a new 3-class classifier; fails in one line.
+
+    torch.hub downloads the file once (checking its hash) and reads the cached copy after."""
+    arch, cached = coco_arch(cfg), coco_weights_file()
+    fix = "delete it to download it again"
+    was_cached = cached.is_file()
     socket.setdefaulttimeout(30)  # a dead network should fail in seconds, not hang
     try:
-        state = FCOS_ResNet50_FPN_Weights.COCO_V1.get_state_dict(progress=False)
-    except Exception as exc:  # URLError, timeouts, a truncated file: all mean "no weights"
+        state = COCO_WEIGHTS.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except Exception as exc:  # URLError, timeouts, a damaged cached file
+        if was_cached:
+            raise UserError(f"{cached}: cannot read the cached COCO weights "
+                            f"({exc.__class__.__name__}); {fix}") from None
         raise UserError(
-            f"could not download torchvision's COCO weights ({exc.__class__.__name__}: {exc}); "
-            "offline? train from scratch with --weights none, or give a checkpoint with --weights PATH"
-        ) from None
-    model = fcos_resnet50_fpn(weights=None, weights_backbone=None, **_common(arch))
-    model.load_state_dict(state)
+            f"could not download torchvision's COCO weights to {cached} ({exc.__class__.__name__}: "
+            f"{exc}); offline? copy that file from a machine with internet, train from scratch "
+            "with --weights none, or give a checkpoint with --weights PATH") from None
+    model = coco_architecture(arch)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:  # other keys or shapes, not a dict
+        raise UserError(f"{cached}: not torchvision's FCOS ResNet-50 FPN COCO weights "
+                        f"({' '.join(str(exc).split())[:200]}...); {fix}") from None
     _replace_classifier(model, arch["num_classes"])
     return model, arch
 

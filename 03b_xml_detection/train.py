@@ -17,7 +17,7 @@ How to run
     python 03b_xml_detection/train.py --weights none   # from scratch, offline, ~44 min on 2 CPU cores
     python 03b_xml_detection/train.py --weights none --device cuda --output-dir runs/03b-gpu
     python 03b_xml_detection/train.py --smoke          # synthetic data, into runs/03b_xml_detection-smoke
-    python 03b_xml_detection/train.py --weights none --resume        # continue an interrupted run
+    python 03b_xml_detection/train.py --weights none --resume        # continue a stopped run (on a CPU: exactly)
     python 03b_xml_detection/detect.py --model-path runs/03b_xml_detection/model.pt photo.jpg
     Every run writes config.json, split.json (which photos trained, validated, tested),
     metrics.json (with the device, library versions and date), model.pt and the plots;
@@ -40,7 +40,8 @@ What to expect (measured on 2 CPU cores, seed 0, nothing else training)
     class, test mAP@0.5 is 0.795, barely above 0.781, so the classes are rarely confused.
     The loss is in the scores: many extra boxes on parts of fruit and on banana bunches,
     which the XML boxes sometimes whole and sometimes banana by banana.
-    python 03b_xml_detection/train.py --smoke            # under a minute (2 epochs, 24 pictures)
+    python 03b_xml_detection/train.py --smoke            # ~50 s on one core: 20 epochs on 24
+                                                         # synthetic pictures, test mAP@0.5 0.688
     Repeatable: on the CPU, the same seed and thread count give the same metrics bit for
     bit (torch.use_deterministic_algorithms). A GPU run is seeded, not bit-for-bit.
 On a GPU (one NVIDIA H200, bf16 autocast, torch 2.11), same default config:
@@ -252,8 +253,8 @@ def train(trainer, progress: Progress, val, cfg: dict, arch: dict, output_dir: P
         if epoch % cfg["eval_every"] == 0 or last:
             line += validate(trainer, val, progress)
         progress.wall_seconds += time.monotonic() - epoch_start
-        print(line, flush=True)
         write_checkpoint(output_dir / "checkpoint.pt", trainer, progress, cfg, arch)
+        print(line, flush=True)  # after the save: a run stopped now resumes from this epoch
         if progress.wall_seconds > budget and epoch < cfg["epochs"]:  # a shared or slower machine:
             print(f"stopping after epoch {epoch}: over --time-limit-minutes {cfg['time_limit_minutes']}")
             break  # stop cleanly and say so (the cosine is cut short)
@@ -422,6 +423,7 @@ def main(argv=None) -> dict:
     fit, val = decode(split, cfg)
     trainer, progress = make_trainer(start, fit, cfg, device, output_dir)
     progress.wall_seconds += time.monotonic() - decode_start  # decoding counts towards the time limit
+    outputs.training_started(output_dir)  # checks passed: from here a failure keeps the checkpoint
     progress = train(trainer, progress, val, cfg, start.arch, output_dir)
     evaluation = evaluate(trainer, split, val, cfg)
     return save(output_dir, trainer, start.arch, progress, split, cfg, evaluation)
