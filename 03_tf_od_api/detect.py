@@ -8,9 +8,12 @@ What it does
     2.21 imports Keras as well when it is installed (tensorflow/__init__.py loads
     keras.src.optimizers for its SavedModel registry, and skips it on ImportError), so this
     script makes those imports fail before TensorFlow loads: the model has to run without
-    them, and a test checks that sys.modules holds no keras afterwards. Each photo is read with the shared reader (PNG behind a .jpg name, RGBA,
-    CMYK, EXIF-rotated phone photos), passed in as a uint8 image, and the boxes come back
-    in the photo's own pixels. Prints one line per box:
+    them, and a test checks that sys.modules holds no keras afterwards. Each photo is read
+    with the shared reader (PNG behind a .jpg name, RGBA, CMYK, EXIF-rotated phone photos)
+    and detected as the API's tutorial does it: `detect_fn = tf.saved_model.load(path)`,
+    `detections = detect_fn(input_tensor)` with a uint8 [1, H, W, 3] batch, every output
+    cut to `num_detections`; the normalised [ymin, xmin, ymax, xmax] boxes are turned into
+    the photo's pixels. Prints one line per box:
         image  class  score  xmin ymin xmax ymax
     and saves `<name>_detections.png` with the boxes drawn.
 
@@ -91,7 +94,7 @@ def block_keras() -> None:
 
 
 def load_detector(model_dir: Path):
-    """(serving function, class names) from the SavedModel and its label map."""
+    """(detect_fn, class names) from the SavedModel and its label map."""
     if not (model_dir / "saved_model.pb").is_file():
         raise UserError(f"{model_dir} is not a SavedModel folder (no saved_model.pb); "
                         "give the saved_model folder that train.py wrote")
@@ -99,21 +102,33 @@ def load_detector(model_dir: Path):
     import tensorflow as tf
 
     try:
-        loaded = tf.saved_model.load(str(model_dir))
+        detect_fn = tf.saved_model.load(str(model_dir))
     except Exception as exc:
         raise UserError(f"{model_dir}: cannot load the SavedModel ({exc.__class__.__name__})") from None
+    if not callable(detect_fn):
+        raise UserError(f"{model_dir}: not an Object Detection API export (it cannot be called on "
+                        "an input_tensor); export it again with the current train.py")
     label_map = records.read_label_map(model_dir / "assets.extra" / "label_map.pbtxt")
-    # keep `loaded` alive with the function: the signature refers to its variables
-    serve = loaded.signatures["serving_default"]
-    serve._owner = loaded
-    return serve, [label_map[i] for i in sorted(label_map)]
+    return detect_fn, [label_map[i] for i in sorted(label_map)]
 
 
-def detect(serve, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Boxes (the photo's pixels), 1-based class ids and scores for one uint8 RGB image."""
+def detect(detect_fn, image: np.ndarray) -> dict[str, np.ndarray]:
+    """The OD API tutorial's inference step on one uint8 RGB photo: a batch of one in, every
+    output cut to num_detections; boxes back from normalised [ymin, xmin, ymax, xmax] to
+    the photo's pixels (xmin, ymin, xmax, ymax), classes as label-map ids (from 1)."""
     import tensorflow as tf
 
-    return {key: value.numpy() for key, value in serve(image=tf.constant(image)).items()}
+    input_tensor = tf.convert_to_tensor(image)[tf.newaxis, ...]
+    detections = detect_fn(input_tensor)
+    # [0]: num_detections has shape [1] (one per photo). The tutorial's int() of the whole
+    # tensor needs NumPy < 2 (NumPy 2.4 makes no scalar of a 1-d array).
+    num_detections = int(detections.pop("num_detections")[0])
+    detections = {key: value[0, :num_detections].numpy() for key, value in detections.items()}
+    height, width = image.shape[:2]
+    ymin, xmin, ymax, xmax = detections["detection_boxes"].T
+    return {"boxes": np.stack([xmin * width, ymin * height, xmax * width, ymax * height], axis=1),
+            "classes": detections["detection_classes"].astype(np.int64),
+            "scores": detections["detection_scores"]}
 
 
 # --- Save --------------------------------------------------------------------------
@@ -122,7 +137,7 @@ def detect(serve, image: np.ndarray) -> dict[str, np.ndarray]:
 def main(argv=None) -> list[str]:
     args = parse_args(argv)
     block_keras()  # before TensorFlow is imported
-    serve, class_names = load_detector(args.model_dir)
+    detect_fn, class_names = load_detector(args.model_dir)
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -132,7 +147,7 @@ def main(argv=None) -> list[str]:
     lines = []
     for path in args.images:
         image = read_rgb(path)  # UserError naming the file if it is not an image
-        found = detect(serve, image)
+        found = detect(detect_fn, image)
         keep = found["scores"] >= args.score_threshold
         boxes, labels, scores = found["boxes"][keep], found["classes"][keep] - 1, found["scores"][keep]
         shrink = min(1.0, args.max_side / max(image.shape[:2]))

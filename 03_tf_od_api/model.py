@@ -16,8 +16,12 @@ deltas against the anchors and runs NMS. Facts checked in the installed 0.32 sou
   puts it where the focal-loss paper says, and zeroes the box bias;
 - the FPN upsamples by 2 and adds, so the image size must divide by 2**max_level;
 - the heads and the FPN are 256 channels wide whatever the backbone (hard-coded);
+- KerasHub's `NonMaxSuppression` is class-agnostic (one NMS over each anchor's best
+  class); the OD API's RetinaNet runs NMS per class. `PerClassNMS` below does it the API's
+  way, for evaluation and the export alike;
 - `model.export()` saves only the raw forward pass (deltas and logits): no resizing, no
-  box decoding, no NMS. `export_saved_model` below puts all of these in the graph.
+  box decoding, no NMS. `export_saved_model` below puts all of these in the graph, behind
+  the OD API's exported-model signature.
 """
 
 from __future__ import annotations
@@ -59,12 +63,42 @@ def _anchors(arch: dict):
         aspect_ratios=[0.5, 1.0, 2.0], anchor_size=arch["anchor_size"])
 
 
-def decoder(min_score: float, max_detections: int = 100):
+class PerClassNMS(keras.layers.Layer):
+    """The OD API's multiclass NMS (`batch_multiclass_non_max_suppression`, which the
+    API's RetinaNet configs use): boxes clipped to the image, each class's boxes
+    suppressed among themselves (IoU 0.5), then the best `max_detections` of all classes
+    kept, padded to that length. `tf.image.combined_non_max_suppression` is that
+    operation. A box scoring over `min_score` for two classes can be kept for both.
+
+    KerasHub's detector calls it as its `prediction_decoder`, with boxes in pixels of the
+    model input (BOX_FORMAT) and class logits; it returns KerasHub's keys."""
+
+    def __init__(self, min_score: float, max_detections: int = 100, iou_threshold: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.bounding_box_format = BOX_FORMAT
+        self.min_score, self.max_detections, self.iou_threshold = min_score, max_detections, iou_threshold
+
+    def call(self, box_prediction, class_prediction, images):
+        size = tf.cast(tf.shape(images)[1:3], tf.float32)  # height, width
+        scale = tf.stack([size[1], size[0], size[1], size[0]])
+        boxes = tf.clip_by_value(box_prediction / scale, 0.0, 1.0)  # normalised, inside the image
+        boxes, scores, classes, count = tf.image.combined_non_max_suppression(
+            tf.gather(boxes, [1, 0, 3, 2], axis=-1)[:, :, None, :],  # yxyx, one box for all classes
+            tf.sigmoid(class_prediction), max_output_size_per_class=self.max_detections,
+            max_total_size=self.max_detections, iou_threshold=self.iou_threshold,
+            score_threshold=self.min_score, clip_boxes=False)
+        return {"boxes": tf.gather(boxes, [1, 0, 3, 2], axis=-1) * scale, "confidence": scores,
+                "labels": tf.cast(classes, tf.int32), "num_detections": count}
+
+    def get_config(self):
+        return {**super().get_config(), "min_score": self.min_score,
+                "max_detections": self.max_detections, "iou_threshold": self.iou_threshold}
+
+
+def decoder(min_score: float, max_detections: int = 100) -> PerClassNMS:
     # A low score threshold keeps the low-confidence boxes that mAP needs (KerasHub's
-    # default of 0.5 would cut the precision-recall curve short). Class-agnostic NMS at IoU 0.5.
-    return keras_hub.layers.NonMaxSuppression(
-        bounding_box_format=BOX_FORMAT, from_logits=True, iou_threshold=0.5,
-        confidence_threshold=min_score, max_detections=max_detections)
+    # default of 0.5 would cut the precision-recall curve short).
+    return PerClassNMS(min_score, max_detections)
 
 
 def build_scratch(arch: dict, prior: float = 0.01):
@@ -104,23 +138,91 @@ def init_heads(detector, prior: float) -> None:
 
 
 def build_coco(cfg: dict, num_classes: int):
-    """KerasHub's COCO RetinaNet (ResNet-50 FPN) with a new head for our classes.
-    Offline, it stops at once with one line naming --weights none."""
+    """KerasHub's COCO RetinaNet (ResNet-50 FPN, P3-P7), fetched and cached by KerasHub
+    (kagglehub), with new heads for our classes. `from_preset(num_classes=...)` loads the
+    backbone and the FPN only; both heads are built anew, and `init_heads` starts them as
+    the from-scratch model's. Returns (detector, arch)."""
     socket.setdefaulttimeout(30)  # a dead network should fail in seconds, not hang
     try:
+        # anchor_generator / label_encoder None: KerasHub's defaults, which are the preset's
+        # anchors (P3-P7, size 4, 3 scales, ratios 0.5/1/2), built in our box format. The
+        # preset's are yxyx, and when the label encoder's format differs from the model's,
+        # compute_loss converts the batch's boxes in place, which fit() refuses ("should
+        # not modify its Python input arguments").
         detector = keras_hub.models.RetinaNetObjectDetector.from_preset(
             COCO_PRESET, num_classes=num_classes, bounding_box_format=BOX_FORMAT,
-            prediction_decoder=decoder(cfg["min_score"]))
-    except Exception as exc:  # no network, no Kaggle access, a truncated download
-        reason = str(exc).splitlines()[0][:100] if str(exc) else ""
-        raise UserError(f"could not load KerasHub's COCO weights '{COCO_PRESET}' "
-                        f"({exc.__class__.__name__}: {reason}); offline? train from scratch "
-                        "with --weights none") from None
+            anchor_generator=None, label_encoder=None, prediction_decoder=decoder(cfg["min_score"]))
+    except Exception as exc:
+        raise UserError(_load_failure(exc)) from None
+    _check_architecture(detector)
+    # The tf.data pipeline squashes and normalises the photos itself, with the preset's own
+    # mean and standard deviation (read here); KerasHub's preprocessor, which fit() and
+    # predict() would apply on top, would pad and resize them to 800 px and normalise twice.
     converter = detector.preprocessor.image_converter
     arch = {"kind": "coco", "num_classes": num_classes, "image_size": cfg["image_size"],
             "min_score": cfg["min_score"],
             "scale": _as_list(converter.scale), "offset": _as_list(converter.offset)}
+    detector.preprocessor = None
+    # BatchNorm frozen (moving statistics and scale/offset kept): the preset's weights were
+    # trained so (torchvision's RetinaNet uses FrozenBatchNorm2d), and batches of 8 photos
+    # are too few to re-estimate ImageNet/COCO statistics.
+    for layer in detector.backbone.image_encoder.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    init_heads(detector, cfg["prior_probability"])
     return detector, arch
+
+
+def coco_cache_folder() -> Path:
+    """Where kagglehub keeps the preset's files ($KAGGLEHUB_CACHE, else ~/.cache/kagglehub):
+    models/<owner>/<model>/<framework>/<variation>/<version>."""
+    import kagglehub.config
+
+    handle = keras_hub.models.RetinaNetObjectDetector.presets[COCO_PRESET]["kaggle_handle"]
+    return Path(kagglehub.config.get_cache_folder(), "models", *handle.removeprefix("kaggle://").split("/"))
+
+
+def _load_failure(exc: Exception) -> str:
+    """One line for a preset that did not load: no network, or a damaged cached file."""
+    import requests
+
+    reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+    folder = coco_cache_folder()
+    if isinstance(exc, requests.RequestException | ConnectionError | TimeoutError) \
+            or exc.__class__.__module__.startswith("kagglehub"):
+        return (f"could not download KerasHub's COCO weights '{COCO_PRESET}' ({reason}); offline? "
+                f"copy {folder} from a machine that has it, or train from scratch with --weights none")
+    bad = next((path for path in sorted(folder.glob("*")) if not _readable(path)), None)
+    return (f"{bad or folder}: the cached '{COCO_PRESET}' does not load ({reason}); "
+            f"delete {folder} to download it again")
+
+
+def _readable(path: Path) -> bool:
+    """A cached preset file parses: JSON, or an HDF5 weights file."""
+    import json
+
+    import h5py
+
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".h5":
+            with h5py.File(path, "r") as weights:
+                weights.visititems(lambda _, item: item[()] if isinstance(item, h5py.Dataset) else None)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _check_architecture(detector) -> None:
+    """The cached config must be the preset's: a ResNet-50 (bottleneck, 3-4-6-3) FPN on P3-P7."""
+    encoder, backbone = detector.backbone.image_encoder, detector.backbone
+    found = (list(getattr(encoder, "stackwise_num_blocks", None) or []), getattr(encoder, "block_type", None),
+             backbone.min_level, backbone.max_level)
+    if found != ([3, 4, 6, 3], "bottleneck_block", 3, 7):
+        raise UserError(f"{coco_cache_folder() / 'config.json'}: a RetinaNet with {found}, not "
+                        f"'{COCO_PRESET}' (ResNet-50 FPN, P3-P7); delete {coco_cache_folder()} "
+                        "to download it again")
 
 
 def _as_list(value):
@@ -168,38 +270,59 @@ def normalize(images: tf.Tensor, arch: dict) -> tf.Tensor:
 # --- Export --------------------------------------------------------------------------
 
 
-def export_saved_model(detector, arch: dict, path: str | os.PathLike, label_map: str | os.PathLike) -> Path:
-    """A SavedModel that stands alone: uint8 image (or encoded bytes) in, boxes in the
-    photo's pixels, 1-based class ids (as in the label map) and scores out; resizing,
-    normalisation, box decoding and NMS are in the graph. label_map.pbtxt goes to
-    assets.extra/, where TF Serving keeps a model's extra files."""
+def detections(detector, arch: dict, images: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The OD API's detection outputs for a batch of uint8 photos (any size): each photo
+    squashed and normalised as in training, RetinaNet, box decoding and per-class NMS.
+
+        detection_boxes    float32 [B, N, 4]  normalised [ymin, xmin, ymax, xmax] in [0, 1]
+        detection_scores   float32 [B, N]
+        detection_classes  float32 [B, N]     label-map ids (from 1)
+        num_detections     float32 [B]        how many of the N rows are detections
+
+    N is the decoder's max_detections; rows past num_detections are padding. Normalised
+    coordinates of the squashed square are those of the photo, whatever its shape."""
     size = arch["image_size"]
+    batch = normalize(model_input(images, size), arch)
+    found = detector.decode_predictions(detector(batch, training=False), batch)
+    xyxy = found["boxes"] / size
+    return {"detection_boxes": tf.clip_by_value(tf.gather(xyxy, [1, 0, 3, 2], axis=-1), 0.0, 1.0),
+            "detection_scores": found["confidence"],
+            "detection_classes": tf.cast(found["labels"], tf.float32) + 1.0,
+            "num_detections": tf.cast(found["num_detections"], tf.float32)}
 
-    def detect(image):
-        height, width = tf.shape(image)[0], tf.shape(image)[1]
-        batch = normalize(model_input(image, size), arch)[None]
-        found = detector.decode_predictions(detector(batch, training=False), batch)
-        count = tf.cast(found["num_detections"][0], tf.int32)
-        scale = tf.cast(tf.stack([width, height, width, height]), tf.float32) / size
-        return {"boxes": found["boxes"][0, :count] * scale,
-                "classes": tf.cast(found["labels"][0, :count], tf.int32) + 1,
-                "scores": found["confidence"][0, :count]}
 
-    def detect_encoded(encoded):
-        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        return detect(image)
+class ExportedDetector(tf.Module):
+    """What the OD API's `exporter_main_v2.py` writes (input type image_tensor): a module
+    whose `__call__`, also the `serving_default` signature, takes `input_tensor`, a uint8
+    [1, H, W, 3] photo, and returns `detections(...)`. `detect_encoded` takes the photo's
+    encoded bytes as a [1] string tensor (the API's encoded_image_string_tensor input)."""
 
-    archive = keras.export.ExportArchive()
-    archive.track(detector)
-    archive.add_endpoint("serving_default", detect,
-                         input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image")])
-    archive.add_endpoint("detect_encoded", detect_encoded,
-                         input_signature=[tf.TensorSpec([], tf.string, name="encoded_image")])
+    def __init__(self, detector, arch: dict):
+        super().__init__(name="retinanet")
+        self.model_variables = list(detector.variables)  # saved with the graph that reads them
+        self._detect = lambda images: detections(detector, arch, images)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, None, None, 3], tf.uint8, name="input_tensor")])
+    def __call__(self, input_tensor):
+        return self._detect(input_tensor)
+
+    @tf.function(input_signature=[tf.TensorSpec([1], tf.string, name="input_tensor")])
+    def detect_encoded(self, input_tensor):
+        image = tf.io.decode_image(input_tensor[0], channels=3, expand_animations=False)
+        return self._detect(image[None])
+
+
+def export_saved_model(detector, arch: dict, path: str | os.PathLike, label_map: str | os.PathLike) -> Path:
+    """Write the SavedModel (see ExportedDetector), atomically; label_map.pbtxt goes to
+    assets.extra/, where TF Serving keeps a model's extra files."""
+    module = ExportedDetector(detector, arch)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         tf.io.gfile.rmtree(str(tmp))
-    archive.write_out(str(tmp), verbose=False)
+    tf.saved_model.save(module, str(tmp), signatures={
+        "serving_default": module.__call__.get_concrete_function(),
+        "detect_encoded": module.detect_encoded.get_concrete_function()})
     (tmp / "assets.extra").mkdir(exist_ok=True)
     (tmp / "assets.extra" / "label_map.pbtxt").write_text(Path(label_map).read_text())
     if path.exists():

@@ -40,7 +40,7 @@ def fruit_splits(data_dir: str | os.PathLike, val_fraction: float, seed: int,
     from data.splits import stratified_split
 
     if smoke_dir is not None:
-        synthetic.write_fruits(smoke_dir, train_per_class=6, test_per_class=2, seed=seed)
+        synthetic.write_fruits(smoke_dir, train_per_class=6, test_per_class=4, seed=seed)
         train, test = fruits.load_fruits(smoke_dir, fetch=False)
     else:
         train, test = fruits.load_fruits(data_dir)
