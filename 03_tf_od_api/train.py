@@ -26,7 +26,8 @@ How to run
     python 03_tf_od_api/train.py --smoke            # synthetic data, about a minute, learns
     python 03_tf_od_api/detect.py --model-dir runs/03_tf_od_api/saved_model photo.jpg
 
-What to expect (measured on 2 shared CPU cores, seed 0, the CPU lock held)
+What to expect (measured on 2 shared CPU cores, seed 0, with the earlier class-agnostic NMS;
+the per-class NMS of today's decoder has not been rerun yet: see README.md)
     python 03_tf_od_api/train.py --weights none --data-dir /tmp/dd --output-dir runs/03_tf_od_api
     -> test mAP@0.5 0.814 (95% bootstrap interval over photos 0.745-0.881), mAP@[.5:.95]
        0.475 (0.420-0.548), mAP@0.75 0.468; AP@0.5 apple 0.878, banana 0.660, orange
