@@ -342,3 +342,25 @@ def assert_failed_start_left_nothing(output_dir: Path, existed_before: bool = Fa
         assert output_dir.is_dir() and not any(output_dir.iterdir()), sorted(output_dir.iterdir())
     else:
         assert not output_dir.exists(), sorted(p.name for p in output_dir.iterdir())
+
+
+def offline_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """No dataset mirror, and every download refused at once (a proxy port nothing listens
+    on), on any machine: a run that needs to fetch data or weights fails, and fails fast."""
+    proxy = "http://127.0.0.1:9"
+    return script_env(DLSTUDY_MIRROR=str(Path(tmp_path) / "no_mirror"), HTTPS_PROXY=proxy,
+                      HTTP_PROXY=proxy, https_proxy=proxy, http_proxy=proxy, NO_PROXY="",
+                      no_proxy="", **extra)
+
+
+def chance_99th_percentile(n: int, p: float) -> int:
+    """The 99th percentile of Binomial(n, p), from exact sums: the number of right answers
+    out of n that guessing (right with probability p) exceeds only 1% of the time."""
+    import math
+
+    total = 0.0
+    for k in range(n + 1):
+        total += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+        if total >= 0.99:
+            return k
+    return n

@@ -7,7 +7,6 @@ import ctypes.util
 import gzip
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,10 @@ from tests.helpers import (
     REPO,
     assert_failed_start_left_nothing,
     assert_one_line_error,
+    chance_99th_percentile,
     keras_learning_rates,
     mnist_photo,
+    offline_env,
     run_chapter,
     run_python,
     run_script,
@@ -52,24 +53,8 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def offline_env(tmp_path) -> dict[str, str]:
-    """No dataset mirror, and every download refused at once (a proxy port nothing listens
-    on), on any machine: a run that needs to fetch MNIST fails."""
-    proxy = "http://127.0.0.1:9"
-    return script_env(DLSTUDY_MIRROR=str(tmp_path / "no_mirror"), HTTPS_PROXY=proxy,
-                      HTTP_PROXY=proxy, https_proxy=proxy, http_proxy=proxy, NO_PROXY="",
-                      no_proxy="")
 
 
-def chance_99th_percentile(n: int, p: float) -> int:
-    """The 99th percentile of Binomial(n, p), from exact sums: the number of right answers
-    out of n that guessing (right with probability p) exceeds only 1% of the time."""
-    total = 0.0
-    for k in range(n + 1):
-        total += math.comb(n, k) * p**k * (1 - p) ** (n - k)
-        if total >= 0.99:
-            return k
-    return n
 
 
 # --- train.py: one smoke run checked for many things ------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes.util
 import json
-import math
 import zipfile
 
 import pytest
@@ -12,6 +11,8 @@ import pytest
 from tests.helpers import (
     assert_failed_start_left_nothing,
     assert_one_line_error,
+    chance_99th_percentile,
+    offline_env,
     run_chapter,
     run_script,
     run_without_test_reads,
@@ -25,24 +26,8 @@ CLASSES = ("apple", "banana", "orange", "mixed")
 RUN_FACTS = {"date", "train_seconds", "_wall_seconds"}
 
 
-def offline_env(tmp_path) -> dict[str, str]:
-    """No dataset mirror, and every download refused at once (a proxy port nothing listens
-    on), on any machine: a run that needs to fetch the fruit photos fails, and fails fast."""
-    proxy = "http://127.0.0.1:9"
-    return script_env(DLSTUDY_MIRROR=str(tmp_path / "no_mirror"), HTTPS_PROXY=proxy,
-                      HTTP_PROXY=proxy, https_proxy=proxy, http_proxy=proxy, NO_PROXY="",
-                      no_proxy="")
 
 
-def chance_99th_percentile(n: int, p: float) -> int:
-    """The 99th percentile of Binomial(n, p), from exact sums: the number of right answers
-    out of n that guessing (right with probability p) exceeds only 1% of the time."""
-    total = 0.0
-    for k in range(n + 1):
-        total += math.comb(n, k) * p**k * (1 - p) ** (n - k)
-        if total >= 0.99:
-            return k
-    return n
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes.util
 import json
-import math
 import zipfile
 from collections import Counter
 
@@ -15,7 +14,9 @@ from data.splits import stratified_split
 from tests.helpers import (
     assert_failed_start_left_nothing,
     assert_one_line_error,
+    chance_99th_percentile,
     keras_learning_rates,
+    offline_env,
     run_chapter,
     run_python,
     run_script,
@@ -34,13 +35,6 @@ SMOKE_TRAIN, SMOKE_TEST = 32, 25
 SMOKE_VAL = round(0.2 * SMOKE_TRAIN)
 
 
-def offline_env(tmp_path, **extra: str) -> dict[str, str]:
-    """No dataset mirror, and every download refused at once (a proxy port nothing listens
-    on), on any machine: a run that needs to fetch something fails, and fails fast."""
-    proxy = "http://127.0.0.1:9"
-    return script_env(DLSTUDY_MIRROR=str(tmp_path / "no_mirror"), HTTPS_PROXY=proxy,
-                      HTTP_PROXY=proxy, https_proxy=proxy, http_proxy=proxy, NO_PROXY="",
-                      no_proxy="", **extra)
 
 
 def no_gpu_env() -> dict[str, str] | None:
@@ -49,15 +43,6 @@ def no_gpu_env() -> dict[str, str] | None:
     return script_env(CUDA_VISIBLE_DEVICES="") if ctypes.util.find_library("cuda") else None
 
 
-def chance_99th_percentile(n: int, p: float) -> int:
-    """The 99th percentile of Binomial(n, p), from exact sums: the number of right answers
-    out of n that guessing (right with probability p) exceeds only 1% of the time."""
-    total = 0.0
-    for k in range(n + 1):
-        total += math.comb(n, k) * p**k * (1 - p) ** (n - k)
-        if total >= 0.99:
-            return k
-    return n
 
 
 @pytest.fixture(scope="module")

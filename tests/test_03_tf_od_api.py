@@ -12,6 +12,7 @@ import re
 import numpy as np
 import pytest
 
+from tests import helpers
 from tests.helpers import (
     REPO,
     assert_one_line_error,
@@ -20,7 +21,6 @@ from tests.helpers import (
     run_chapter,
     run_python,
     run_script,
-    script_env,
 )
 
 CHAPTER = "03_tf_od_api"
@@ -224,12 +224,9 @@ def test_learning_rate_warms_up_from_a_hundredth_then_follows_a_cosine_to_a_hund
 
 
 def offline_env(tmp_path, **extra) -> dict[str, str]:
-    """No dataset mirror, an empty KerasHub (kagglehub) cache, and a closed local proxy:
-    "offline" is certain even on a machine with internet."""
-    proxy = "http://127.0.0.1:9"
-    return script_env(DLSTUDY_MIRROR=str(tmp_path / "no_mirror"), KAGGLEHUB_CACHE=str(tmp_path / "kaggle"),
-                      KERAS_HOME=str(tmp_path / "keras"), HTTPS_PROXY=proxy, HTTP_PROXY=proxy,
-                      https_proxy=proxy, http_proxy=proxy, NO_PROXY="", no_proxy="", **extra)
+    """helpers.offline_env, with empty KerasHub (kagglehub) and Keras caches too."""
+    return helpers.offline_env(tmp_path, KAGGLEHUB_CACHE=str(tmp_path / "kaggle"),
+                                KERAS_HOME=str(tmp_path / "keras"), **extra)
 
 
 # Three starts that fail before training, each into the smoke run's folder, with the words
