@@ -190,6 +190,17 @@ def write_composites(cfg: dict, modes: tuple[str, ...], foreground: np.ndarray,
     save_figure(output_dir / "figure.png", foreground, alpha)
 
 
+def load_model(cfg: dict):
+    """(device, model ready on it, the person class, working size, description)."""
+    import segmenters  # torch loads only now: a bad flag or file fails in well under a second
+
+    seed_everything(cfg["seed"])
+    device = segmenters.start_torch(cfg["device"], cfg["num_threads"], cfg["seed"])
+    model, person_class, working_size, description = segmenters.load_segmenter(
+        cfg["weights"], cfg["model"], cfg["working_size"])
+    return device, segmenters.prepare_model(model, device), person_class, working_size, description
+
+
 def main(argv=None) -> dict:
     parser = ChapterParser(__doc__, CONFIG_PATH, CHAPTER)
     cfg, args = parser.parse_config(argv)
@@ -199,13 +210,9 @@ def main(argv=None) -> dict:
     foreground, background = read_inputs(cfg, modes, args.smoke, output_dir)
     read_seconds = time.monotonic() - start
 
-    import segmenters  # torch loads only now: a bad flag or file fails in well under a second
+    device, model, person_class, working_size, description = load_model(cfg)
+    import segmenters  # already loaded by load_model, after the flags were checked
 
-    seed_everything(cfg["seed"])
-    device = segmenters.start_torch(cfg["device"], cfg["num_threads"], cfg["seed"])
-    model, person_class, working_size, description = segmenters.load_segmenter(
-        cfg["weights"], cfg["model"], cfg["working_size"])
-    model = segmenters.prepare_model(model, device)
     # inputs, device and model are in hand: what is written from here is kept, even the mask of a
     # photo with no person in it; a failure before this left nothing (data.cli.run_main)
     outputs.training_started(output_dir)

@@ -130,7 +130,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_figures(smoke_run, tmp_pat
     # A job killed (SIGTERM) after epoch 8's checkpoint, then --resume: on the CPU the same seed
     # must end exactly where the uninterrupted smoke run did (weights, optimizer, schedule, EMA,
     # progress and both random states restored). The loader runs in the training process
-    # (num_workers 0, the config's default). The first session starts with --overwrite over a
+    # (num_workers 0, the config's default). The interrupted run starts with --overwrite over a
     # copy of the smoke run and a stale plot: the plot is gone.
     output_dir, first = smoke_run
     run_dir = tmp_path / "again"
