@@ -35,6 +35,7 @@ How to run (from the repository root):
     python 01_mnist/train.py                      # the tuned dense net (config.toml)
     python 01_mnist/train.py --model cnn --output-dir runs/01_mnist-cnn
     python 01_mnist/train.py --smoke              # synthetic digits, end to end in seconds
+    python 01_mnist/train.py --strategy mirrored  # data-parallel: every local GPU (or 2 CPU replicas)
     python 01_mnist/train.py --eval-only --model-path runs/01_mnist/model.keras
     python 01_mnist/predict.py --model-path runs/01_mnist/model.keras my_digit.jpg
 A folder that holds a finished run is never overwritten silently: pass --overwrite, or
@@ -68,6 +69,7 @@ import numpy as np
 
 from data import cli, download, intervals, mnist, outputs, splits, synthetic
 from data.cli import REPO_ROOT, ChapterParser, UserError, require, run_main
+from parallel import tf_strategy
 
 HERE = Path(__file__).resolve().parent
 CHAPTER = "01_mnist"
@@ -109,6 +111,7 @@ def check_config(cfg: dict, args) -> None:
         require(len(cfg[key]) >= 1 and min(cfg[key]) >= 1,
                 f"--{key.replace('_', '-')} needs one or more positive sizes, got {cfg[key]}")
     require(args.model_path is None or args.eval_only, "--model-path is only read with --eval-only")
+    tf_strategy.check_config(cfg)
 
 
 def resolve_paths(args) -> Path:
@@ -287,10 +290,12 @@ def main(argv=None) -> dict:
     cfg, args = build_parser().parse_config(argv)
     check_config(cfg, args)
     model_path = resolve_paths(args)
+    args.output_dir = tf_strategy.worker_output_dir(args.output_dir, cfg)  # the chief's, or scratch
     # Keras loads here, after the flags are checked, so --help and flag errors answer at once.
     import network
 
     device, device_name = network.use_device(cfg["device"], cfg["num_threads"])
+    strategy = tf_strategy.make_strategy(cfg)  # "default": one device, as a plain run
     output_dir = outputs.prepare_output_dir(args.output_dir, cfg, overwrite=args.overwrite,
                                             smoke=args.smoke, eval_only=args.eval_only)
     network.make_deterministic(cfg["seed"], cfg["deterministic"])
@@ -302,8 +307,10 @@ def main(argv=None) -> dict:
         model = network.load(model_path)
         metrics.update(model=model.name, model_path=str(model_path))
     else:
-        model = network.build(cfg)
-        network.compile_for_training(model, cfg, -(-len(data.train.labels) // cfg["batch_size"]))
+        with strategy.scope():  # the weights and the optimizer's state, one copy per replica
+            model = network.build(cfg)
+            network.compile_for_training(model, cfg, -(-len(data.train.labels) // cfg["batch_size"]))
+        tf_strategy.sync_batchnorm(model, strategy)
         # Device, data and model are ready: from here a failure keeps the run's files.
         # Before this line it leaves nothing, so the retry needs no --overwrite.
         outputs.training_started(output_dir)
@@ -319,7 +326,8 @@ def main(argv=None) -> dict:
         test = score(network.probabilities(model, data.test.images), data.test.labels)
         metrics.update(test_metrics(test, data.test.labels))
         plot_test(test, data.test, output_dir, model.name)
-    metrics.update(outputs.run_facts(("tensorflow", "keras"), device=device, device_name=device_name))
+    metrics.update(outputs.run_facts(("tensorflow", "keras"), device=device, device_name=device_name),
+                   **tf_strategy.run_facts(strategy, model))
     write_results(output_dir, metrics)
     return metrics
 

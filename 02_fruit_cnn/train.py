@@ -26,6 +26,7 @@ How to run
     python 02_fruit_cnn/train.py --seed 1 --output-dir runs/02_fruit_cnn-seed1
     python 02_fruit_cnn/train.py --epochs 50 --image-size 128 --output-dir runs/02-e50
     python 02_fruit_cnn/train.py --smoke              # synthetic data, ~10 s
+    python 02_fruit_cnn/train.py --strategy mirrored  # data-parallel: every local GPU (or 2 CPU replicas)
     python 02_fruit_cnn/predict.py --model-path runs/02_fruit_cnn/model.keras photo.jpg
     A run writes config.json, split.json (the photo names), metrics.json (each accuracy with
     its Wilson 95% interval), test_predictions.json (one row per test photo), model.keras
@@ -56,6 +57,7 @@ import numpy as np
 
 from data import classify, cli, fruits, outputs
 from data.cli import ChapterParser, require, run_main, seed_everything
+from parallel import tf_strategy
 
 CHAPTER = "02_fruit_cnn"
 CONFIG_PATH = Path(__file__).with_name("config.toml")
@@ -82,6 +84,7 @@ def check_config(cfg: dict) -> None:
     for _ in cfg["filters"]:
         side = (side - 2) // 2
     require(side >= 1, f"--image-size {cfg['image_size']} is too small for {len(cfg['filters'])} conv blocks")
+    tf_strategy.check_config(cfg)
 
 
 # --- Data --------------------------------------------------------------------------
@@ -152,29 +155,33 @@ def save_outputs(output_dir: Path, history: dict, data: FruitData, test_probs) -
 def main(argv=None) -> dict:
     cfg, args = ChapterParser(__doc__, CONFIG_PATH, CHAPTER).parse_config(argv)
     check_config(cfg)
+    args.output_dir = tf_strategy.worker_output_dir(args.output_dir, cfg)  # the chief's, or scratch
     output_dir = outputs.prepare_output_dir(args.output_dir, cfg, overwrite=args.overwrite,
                                             smoke=args.smoke, data_dir=str(args.data_dir))
     # TensorFlow takes seconds to import: only now, so --help and flag errors answer at once.
     import model
 
     device, device_name = model.set_up_tensorflow(cfg["device"], cfg["num_threads"], cfg["seed"])
+    strategy = tf_strategy.make_strategy(cfg)  # "default": one device, as a plain run
     seed_everything(cfg["seed"])
     data = load_data(args.data_dir, args.smoke, output_dir, cfg)
     outputs.write_split(output_dir, {"train": [r.image_path.name for r in data.train_records],
                                      "test": [r.image_path.name for r in data.test_records]})
 
-    net = model.build_model(cfg["image_size"], cfg["filters"], cfg["dense_units"])
-    net.summary(print_fn=print)
-    # Device and data are ready: from here a failure keeps the run's files. Before this
-    # line it leaves nothing, so the retry needs no --overwrite.
-    outputs.training_started(output_dir)
-    history, seconds = model.fit(net, data.train_images, data.train_labels, cfg)
+    with strategy.scope():  # the weights and Adam's state, one copy per replica
+        net = model.build_model(cfg["image_size"], cfg["filters"], cfg["dense_units"])
+        net.summary(print_fn=print)
+        # Device and data are ready: from here a failure keeps the run's files. Before this
+        # line it leaves nothing, so the retry needs no --overwrite.
+        outputs.training_started(output_dir)
+        history, seconds = model.fit(net, data.train_images, data.train_labels, cfg)
 
     test_probs = model.probabilities(net, data.test_images) if cfg["evaluate_test"] else None
     metrics = evaluate(data, model.probabilities(net, data.train_images), test_probs)
     metrics.update(train_seconds=seconds, epochs=len(history["loss"]),
                    num_train=len(data.train_records), num_test=len(data.test_records),
-                   **outputs.run_facts(("tensorflow", "keras"), device, device_name))
+                   **outputs.run_facts(("tensorflow", "keras"), device, device_name),
+                   **tf_strategy.run_facts(strategy, net))
 
     model.save(net, output_dir / "model.keras")
     save_outputs(output_dir, history, data, test_probs)

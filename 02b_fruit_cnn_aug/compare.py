@@ -29,17 +29,12 @@ import numpy as np
 
 from data import outputs
 from data.classify import wilson
-from data.cli import UserError, run_main
+from data.cli import OneLineParser, UserError, run_main
 from data.intervals import paired_bootstrap
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, as the chapter scripts do
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv):
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders of group A")
     parser.add_argument("--against", nargs="+", type=Path, required=True, metavar="RUN",
                         help="run folders of group B, scored on the same photos")

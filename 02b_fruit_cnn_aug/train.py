@@ -34,6 +34,7 @@ How to run
         --output-dir runs/02b-audit                      # contact sheet, +- exclusions
     python 02b_fruit_cnn_aug/train.py --no-evaluate-test --output-dir runs/02b-tune  # tuning
     python 02b_fruit_cnn_aug/train.py --smoke            # synthetic data, seconds
+    python 02b_fruit_cnn_aug/train.py --strategy mirrored  # data-parallel: every local GPU (or 2 CPU replicas)
     python 02b_fruit_cnn_aug/predict.py --model-path runs/02b_fruit_cnn_aug/model.keras photo.jpg
     python 02b_fruit_cnn_aug/compare.py RUN... --against RUN...  # paired, photo by photo
 
@@ -81,6 +82,7 @@ import numpy as np
 from data import classify, cli, fruits, outputs, splits, synthetic
 from data.cli import ChapterParser, require, run_main, seed_everything
 from data.intervals import paired_bootstrap
+from parallel import tf_strategy
 
 CHAPTER = "02b_fruit_cnn_aug"
 CONFIG_PATH = Path(__file__).with_name("config.toml")
@@ -117,6 +119,7 @@ def check_config(cfg: dict) -> None:
             f"--filters must be one or more positive integers, got {cfg['filters']}")
     require(cfg["weights"] in ("none", "imagenet") or Path(cfg["weights"]).is_file(),
             f"--weights must be none, imagenet or a path to a weights file; got {cfg['weights']!r}")
+    tf_strategy.check_config(cfg)
 
 
 def parse_exclusions(entries: list[str]) -> dict[str, str]:
@@ -285,6 +288,7 @@ def main(argv=None) -> dict:
     cfg, args = ChapterParser(__doc__, CONFIG_PATH, CHAPTER).parse_config(argv)
     check_config(cfg)
     excluded = parse_exclusions(cfg["exclude"])
+    args.output_dir = tf_strategy.worker_output_dir(args.output_dir, cfg)  # the chief's, or scratch
     output_dir = outputs.prepare_output_dir(args.output_dir, cfg, overwrite=args.overwrite,
                                             smoke=args.smoke, data_dir=str(args.data_dir))
     # TensorFlow takes seconds to import: only now, so --help and flag errors answer at once.
@@ -292,6 +296,7 @@ def main(argv=None) -> dict:
     import training
 
     device, device_name = model.set_up_tensorflow(cfg["device"], cfg["num_threads"], cfg["seed"])
+    strategy = tf_strategy.make_strategy(cfg)  # "default": one device, as a plain run
     if cfg["weights"] != "none":  # fail now, not after decoding: a missing download is common
         model.build_model(cfg)
     seed_everything(cfg["seed"])
@@ -301,11 +306,11 @@ def main(argv=None) -> dict:
     # Device, weights and data are ready: from here a failure keeps the run's files. Before
     # this line it leaves nothing, so the retry needs no --overwrite.
     outputs.training_started(output_dir)
-    run = training.fit_and_score(cfg, data.images, data.labels, split.train, split.val)
+    run = training.fit_and_score(cfg, data.images, data.labels, split.train, split.val, strategy)
     audit_metrics = {}
     if cfg["audit"]:  # rank the photos by the loss of a model that trained on all of them
         every = run if not excluded else training.fit_and_score(
-            cfg, data.images, data.labels, split.every_train, split.val)
+            cfg, data.images, data.labels, split.every_train, split.val, strategy)
         disagree = audit_training_images(model.probabilities(every.model, data.images), data,
                                          split, output_dir, cfg["audit_count"])
         print(f"audit: {disagree} training images disagree with their label; see audit.png")
@@ -319,7 +324,8 @@ def main(argv=None) -> dict:
     # The test photos, once, for the run that is kept.
     test_probs = model.probabilities(run.model, data.test_images) if cfg["evaluate_test"] else None
     metrics = {**evaluate(run, data, split, test_probs), **audit_metrics,
-               **outputs.run_facts(("tensorflow", "keras"), device, device_name)}
+               **outputs.run_facts(("tensorflow", "keras"), device, device_name),
+               **tf_strategy.run_facts(strategy, run.model)}
     model.save(run.model, output_dir / "model.keras")
     save_outputs(output_dir, run, data, split, test_probs)
     outputs.write_metrics(output_dir, metrics)

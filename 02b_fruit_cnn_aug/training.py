@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from data import fruits
+from parallel import tf_strategy
 
 NUM_CLASSES = len(fruits.CLASSES)
 
@@ -132,11 +133,15 @@ def compile_model(model: keras.Model, cfg: dict, steps_per_epoch: int) -> None:
 
 
 def fit_and_score(cfg: dict, images: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
-                  val_idx: np.ndarray) -> Run:
-    """Build and train one model from the seed; its validation outputs with the kept weights."""
+                  val_idx: np.ndarray, strategy) -> Run:
+    """Build and train one model from the seed; its validation outputs with the kept weights.
+    The model and its optimizer live in `strategy`'s scope (tf_strategy.make_strategy); the
+    augmentation stays in the input pipeline, outside it, before fit splits each batch."""
     keras.utils.set_random_seed(cfg["seed"])  # every run (the audit's two too) starts the same way
-    model = network.build_model(cfg)
-    compile_model(model, cfg, steps_per_epoch=-(-len(train_idx) // cfg["batch_size"]))
+    with strategy.scope():
+        model = network.build_model(cfg)
+        compile_model(model, cfg, steps_per_epoch=-(-len(train_idx) // cfg["batch_size"]))
+    tf_strategy.sync_batchnorm(model, strategy)
     train_data = make_dataset(images[train_idx], labels[train_idx], cfg, build_augmenter(cfg))
     val_data = make_dataset(images[val_idx], labels[val_idx], cfg)
     keeper = KeepBestOnValidation(cfg["patience"])

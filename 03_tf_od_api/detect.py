@@ -32,20 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from data.cli import REPO_ROOT, UserError, run_main
+from data.cli import REPO_ROOT, OneLineParser, UserError, run_main
 from data.images import read_rgb, resize_rgb
 from data.outputs import atomic_path, draw_boxes, print_detections
 
 # --- Config ------------------------------------------------------------------------
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like the chapter scripts
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv):
-    parser = Parser(description=__doc__.strip().splitlines()[0],
+    parser = OneLineParser(description=__doc__.strip().splitlines()[0],
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     parser.add_argument("--model-dir", type=Path, required=True,

@@ -42,17 +42,12 @@ from pathlib import Path
 
 import photos  # framework-free: 03_tf_od_api/photos.py
 
-from data.cli import REPO_ROOT, UserError, default_data_dir, run_main
+from data.cli import REPO_ROOT, OneLineParser, UserError, default_data_dir, run_main
 from data.fruits import BOX_CLASSES
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like the chapter scripts
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv):
-    parser = Parser(description=__doc__.strip().splitlines()[0],
+    parser = OneLineParser(description=__doc__.strip().splitlines()[0],
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="dataset folder holding fruits/ (default: $DLSTUDY_DATA_DIR or data/datasets/)")

@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from data import outputs
 from data.cli import UserError, usable_cores
+from parallel import tf_strategy
 
 BOX_FORMAT = "xyxy"      # pixels of the model input, as data.detection_eval wants them
 COCO_PRESET = "retinanet_resnet50_fpn_coco"
@@ -233,14 +234,17 @@ def _as_list(value):
 
 
 def compile_detector(detector, cfg: dict, steps_per_epoch: int) -> None:
-    """AdamW with a linear warm-up and a cosine decay; RetinaNet's two losses."""
+    """AdamW with a linear warm-up and a cosine decay; RetinaNet's two losses. Under a
+    tf.distribute strategy's scope, Keras clips each replica's share of the gradient:
+    tf_strategy.clip_norm_per_replica keeps their sum within grad_clip."""
     total = cfg["epochs"] * steps_per_epoch
     warmup = min(total - 1, max(1, cfg["warmup_epochs"] * steps_per_epoch))
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=cfg["learning_rate"] / 100, decay_steps=max(1, total - warmup),
         alpha=0.01, warmup_target=cfg["learning_rate"], warmup_steps=warmup)
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg["weight_decay"],
-                                       global_clipnorm=cfg["grad_clip"])
+                                       global_clipnorm=tf_strategy.clip_norm_per_replica(
+                                           cfg["grad_clip"], tf.distribute.get_strategy()))
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     # Smooth L1 (beta 0.1) summed over the 4 deltas, as Detectron's RetinaNet: KerasHub's
     # default Huber(delta=1) is averaged over them and gives small errors ~40x less pull.

@@ -5,6 +5,10 @@ a crop or flip moves the boxes with the pixels; SanitizeBoundingBoxes then drops
 that became slivers. Mosaic (4 photos in the quadrants of one) is written out here: first
 the random choices (`MosaicPlan`), then the arithmetic that places the photos and their
 boxes (`FruitBoxes.compose`), so the arithmetic can be checked by hand.
+
+Each training item is asked for by (epoch, index) and drawn from a generator seeded by
+(seed, epoch, index) alone: the same picture whichever process or loader worker makes it,
+so a run under torchrun sees the pictures a single process would.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from model import Photos
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from data.distributed import sample_seed
 
 MEAN_FILL = [124, 116, 104]  # ImageNet mean colour: zoom-out padding looks "neutral"
 
@@ -90,9 +96,19 @@ class FruitBoxes(torch.utils.data.Dataset):
             all_labels.append(self.labels[pick][keep])
         return canvas, torch.cat(all_boxes), torch.cat(all_labels)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        """A photo by index; in training mode a new augmentation of it, keyed by (epoch, index)."""
         if not self.train:
-            return self.images[index], {"boxes": self.boxes[index], "labels": self.labels[index]}
+            return self.images[key], {"boxes": self.boxes[key], "labels": self.labels[key]}
+        epoch, index = key
+        # torchvision's transforms draw from torch's default generator: seed it for this
+        # sample alone, and give the loop its own state back afterwards
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(sample_seed(self.cfg["seed"], epoch, index))
+            return self.augment(index)
+
+    def augment(self, index: int):
+        """Mosaic or one photo zoomed and cropped, then flipped and recoloured; boxes follow."""
         if float(torch.rand(1)) < self.cfg["mosaic_prob"]:
             image, boxes, labels = self.compose(self.plan_mosaic(index))
             boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(self.size, self.size))

@@ -11,11 +11,9 @@ seed and thread count, bit-for-bit repeatable.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from augment import FruitBoxes, collate
 from model import Photos
@@ -24,6 +22,8 @@ from tqdm import tqdm
 
 from data import outputs
 from data.cli import UserError
+from data.distributed import EpochBatches
+from parallel import torch_ddp
 
 # --- Determinism and device ----------------------------------------------------------
 
@@ -38,20 +38,14 @@ def make_repeatable(seed: int, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def seed_worker(worker_id: int) -> None:
-    # Each DataLoader worker gets torch seed base_seed + id from the loader's generator;
-    # numpy and random follow it, so any number of workers repeats for a seed.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def make_loader(photos: Photos, cfg: dict, device: torch.device,
-                generator: torch.Generator) -> torch.utils.data.DataLoader:
+def make_loader(photos: Photos, cfg: dict, ddp: torch_ddp.Processes) -> torch.utils.data.DataLoader:
+    """This process's slice of each global batch (data.distributed.EpochBatches): the order
+    from (seed, epoch), each picture's augmentation from (seed, epoch, index), so neither
+    the number of processes nor of loader workers changes what is seen."""
+    batches = EpochBatches(len(photos.images), cfg["batch_size"], cfg["seed"], ddp.world)
     return torch.utils.data.DataLoader(
-        FruitBoxes(photos, cfg, train=True), batch_size=cfg["batch_size"], shuffle=True,
-        drop_last=True, collate_fn=collate, generator=generator, num_workers=cfg["num_workers"],
-        worker_init_fn=seed_worker, pin_memory=device.type == "cuda")
+        FruitBoxes(photos, cfg, train=True), batch_sampler=batches, collate_fn=collate,
+        num_workers=cfg["num_workers"], pin_memory=ddp.device.type == "cuda")
 
 
 # --- Optimizer, schedule, EMA --------------------------------------------------------
@@ -101,10 +95,11 @@ def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
 @dataclass
 class Trainer:
     """What the training steps need, in one record."""
-    model: torch.nn.Module
+    model: torch.nn.Module    # what is evaluated and saved
+    stepped: torch.nn.Module  # what the steps run: the model in DDP under torchrun, else the model
+    ddp: torch_ddp.Processes  # this process among the run's (a world of one without torchrun)
     ema: AveragedModel
     loader: torch.utils.data.DataLoader
-    generator: torch.Generator  # the loader's batch order and worker seeds; saved for --resume
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
@@ -114,30 +109,35 @@ class Trainer:
 
 
 def train_one_epoch(run: Trainer, epoch: int) -> dict:
-    """One pass over the augmented training photos; the mean of each loss."""
+    """One pass over the augmented training photos; the mean of each loss over all processes."""
     run.model.train()
+    run.loader.batch_sampler.set_epoch(epoch)
     totals: dict[str, float] = {}
     bar = tqdm(run.loader, desc=f"epoch {epoch}/{run.epochs}", leave=False)
     for step, (images, targets) in enumerate(bar):
         images = [image.to(run.device, non_blocking=True).float() / 255 for image in images]
         targets = [{k: v.to(run.device, non_blocking=True) for k, v in t.items()} for t in targets]
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
-            losses = run.model(images, targets)  # the model normalizes the images itself
+            losses = run.stepped(images, targets)  # the model normalizes the images itself
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
+        # Averaged over the processes: each logs the same number, and a non-finite loss in
+        # any of them stops them all at this step (none is left waiting for the others).
+        shown = dict(zip(["loss", *losses], run.ddp.mean(torch.stack([loss, *losses.values()]).detach()),
+                         strict=True))
+        if not torch.isfinite(shown["loss"]):
             raise UserError(
-                f"the loss became {loss.item()} at epoch {epoch}, step {step} "
-                f"({', '.join(f'{k} {v.item():.3g}' for k, v in losses.items())}); "
+                f"the loss became {shown['loss'].item()} at epoch {epoch}, step {step} "
+                f"({', '.join(f'{k} {v.item():.3g}' for k, v in shown.items() if k != 'loss')}); "
                 "try a lower --learning-rate")
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP the gradients arrive averaged over the processes
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.grad_clip)
         run.optimizer.step()
         run.scheduler.step()
         run.ema.update_parameters(run.model)
-        for key, value in {"loss": loss, **losses}.items():
+        for key, value in shown.items():
             totals[key] = totals.get(key, 0.0) + value.item()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{shown['loss'].item():.3f}")
     return {key: value / len(run.loader) for key, value in totals.items()}
 
 

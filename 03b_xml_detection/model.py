@@ -48,7 +48,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm import tqdm
 
 from data import outputs
-from data.cli import UserError, usable_cores
+from data.cli import UserError
+from data.distributed import cores_per_process
 from data.fruits import BOX_CLASSES, BOX_COLORS, FruitRecord
 from data.images import read_rgb, resize_rgb
 
@@ -228,6 +229,29 @@ def fp32_outside_the_network(model: nn.Module) -> nn.Module:
     return model
 
 
+def foreground_over_processes(model: nn.Module, ddp) -> nn.Module:
+    """Under DDP, divide FCOS's losses by the foreground points of the whole global batch.
+
+    FCOS divides each loss by the number of foreground points (points inside a box) of its
+    batch; under DDP each process would count only its own slice, and the averaged gradient
+    would weigh a slice with few fruit up. Scaled by (own count) / (mean count over the
+    processes), as detectron2 does, N processes' averaged gradient is one process's over
+    the whole batch. A no-op in a world of one. `ddp`: a parallel.torch_ddp.Processes."""
+    if ddp.size == 1:
+        return model
+    compute_loss = model.head.compute_loss
+
+    def loss_over_processes(targets, head_outputs, anchors, matched_idxs):
+        own = sum(int((matched >= 0).sum()) for matched in matched_idxs)
+        (total,) = ddp.sum([own])
+        scale = max(1, own) * ddp.size / max(1, total)  # torchvision divided by max(1, own)
+        losses = compute_loss(targets, head_outputs, anchors, matched_idxs)
+        return {key: value * scale for key, value in losses.items()}
+
+    model.head.compute_loss = loss_over_processes
+    return model
+
+
 # --- Device ------------------------------------------------------------------------
 
 
@@ -247,8 +271,9 @@ def device_name(device: torch.device) -> str:
 
 
 def set_threads(num_threads: int) -> int:
-    """CPU threads for PyTorch's own kernels (0 = every core this process may use)."""
-    threads = num_threads or usable_cores()
+    """CPU threads for PyTorch's own kernels (0 = every core this process may use, shared
+    among the processes torchrun starts on this machine)."""
+    threads = num_threads or cores_per_process()
     torch.set_num_threads(threads)
     return threads
 

@@ -8,16 +8,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data.cli import REPO_ROOT
+from data.cli import REPO_ROOT, OneLineParser
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like the chapter scripts
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def inference_parser(doc: str, output_name: str, model_help: str) -> Parser:
-    parser = Parser(description=doc.strip().splitlines()[0],
+def inference_parser(doc: str, output_name: str, model_help: str) -> OneLineParser:
+    parser = OneLineParser(description=doc.strip().splitlines()[0],
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model-path", type=Path, required=True, help=model_help)
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "runs" / output_name,
@@ -31,7 +26,7 @@ def inference_parser(doc: str, output_name: str, model_help: str) -> Parser:
     return parser
 
 
-def check_common(parser: Parser, args: argparse.Namespace) -> argparse.Namespace:
+def check_common(parser: OneLineParser, args: argparse.Namespace) -> argparse.Namespace:
     if not 0 <= args.score_threshold <= 1:
         parser.error(f"--score-threshold must be between 0 and 1, got {args.score_threshold}")
     if args.num_threads < 0:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from matting import fit_longest_side  # the chapter's own modules sit beside this one
 from torch import nn
 
-from data.cli import UserError, usable_cores
+from data.cli import UserError
+from data.distributed import cores_per_process
 from data.outputs import atomic_path
 
 TORCHVISION_ARCHS = ("lraspp_mobilenet_v3_large", "deeplabv3_resnet50", "deeplabv3_resnet101")
@@ -65,8 +66,9 @@ def cpu_has_bf16() -> bool:
 
 
 def set_threads(num_threads: int) -> None:
-    """torch's CPU threads; 0 means every core this process may use."""
-    torch.set_num_threads(num_threads or usable_cores())
+    """torch's CPU threads; 0 means every core this process may use (shared among the
+    processes torchrun starts on this machine)."""
+    torch.set_num_threads(num_threads or cores_per_process())
 
 
 def start_torch(device_choice: str, num_threads: int, seed: int, deterministic: bool = True) -> torch.device:

@@ -31,6 +31,7 @@ How to run:
     python 04_semantic_bg/evaluate.py --run-dir runs/04_semantic_bg-tune --split test \
         --output-dir runs/04_semantic_bg-tune-test      # ...its test photos scored once, afterwards
     python 04_semantic_bg/train.py --smoke              # synthetic photos, about 11 s on 2 quiet cores
+    torchrun --nproc_per_node 2 04_semantic_bg/train.py # data-parallel (DDP): the global batch, split in 2
 
 The 170 photos are split (seeded; --val-fraction, --test-fraction) 120 train / 20 val /
 30 test, and split.json names them; the best epoch is measured once on test. Training
@@ -100,7 +101,7 @@ import cv2
 import numpy as np
 from photos import Cutout, Photo, load_close_ups, load_photos, photo_rows, save_grids, set_figures
 
-from data import outputs
+from data import distributed, outputs
 from data.cli import ChapterParser, require, run_main, seed_everything
 from data.outputs import plot_curves, prepare_output_dir, run_facts, write_json, write_split
 from data.pennfudan import PedRecord, load_pennfudan
@@ -129,8 +130,9 @@ def check_config(cfg: dict) -> None:
         require(0 < cfg[key] < 1, f"--{key.replace('_', '-')} must be between 0 and 1, got {cfg[key]}")
     require(cfg["val_fraction"] + cfg["test_fraction"] < 1, "--val-fraction + --test-fraction must leave "
             "photos to train on")
-    # Even: BatchNorm needs 2+ photos, and torch 2.14.1 segfaults on odd CPU batches (see training.py).
-    require(cfg["batch_size"] % 2 == 0, f"--batch-size must be even, got {cfg['batch_size']}")
+    # The global batch; even per process: BatchNorm needs 2+ photos, and odd CPU batches segfault (training.py)
+    distributed.per_process_batch(cfg["batch_size"], distributed.world_from_env().size, multiple_of=2,
+                                  why="BatchNorm needs pairs, and odd CPU batches crash channels-last backward")
     require(cfg["learning_rate"] > 0, f"--learning-rate must be positive, got {cfg['learning_rate']}")
     require(cfg["weight_decay"] >= 0, f"--weight-decay must be at least 0, got {cfg['weight_decay']}")
     require(0 <= cfg["ema_decay"] < 1, f"--ema-decay must be in [0, 1) (0 = off), got {cfg['ema_decay']}")
@@ -163,9 +165,10 @@ class Split:
                 for part in ("train", "val", "test")}
 
 
-def read_records(data_dir: Path, smoke: bool, output_dir: Path, cfg: dict) -> list[PedRecord]:
-    if smoke:  # same loader, same code path, on photos drawn for the purpose
-        write_pennfudan(output_dir / "smoke_data", count=cfg["smoke_images"], seed=cfg["seed"])
+def read_records(data_dir: Path, smoke: bool, output_dir: Path, cfg: dict, write: bool) -> list[PedRecord]:
+    if smoke:  # same loader, same code path, on photos drawn for the purpose (by rank 0)
+        if write:
+            write_pennfudan(output_dir / "smoke_data", count=cfg["smoke_images"], seed=cfg["seed"])
         return load_pennfudan(output_dir / "smoke_data", fetch=False)
     return load_pennfudan(data_dir)
 
@@ -270,12 +273,15 @@ def random_view(photo: Photo, donors: list[Cutout], cfg: dict, rng) -> tuple[np.
     return view if view is not None else scene_view(photo, donors, cfg, rng)
 
 
-def view_maker(train_set: list[Photo], cfg: dict, rng) -> Callable[[np.ndarray], tuple]:
-    """The training loop's source of batches: indices in, augmented (images, masks) out."""
+def view_maker(train_set: list[Photo], cfg: dict) -> Callable[[np.ndarray], tuple]:
+    """The training loop's source of batches: (epoch, photo index) keys in, augmented (images,
+    masks) out. Each view draws from a generator of its own, seeded by (seed, epoch, index):
+    the same view whichever process makes it, so N processes see what one would."""
     donors = [person for photo in train_set for person in photo.people]
 
-    def make_views(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        views = [random_view(train_set[i], donors, cfg, rng) for i in batch]
+    def make_views(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        views = [random_view(train_set[i], donors, cfg, distributed.sample_rng(cfg["seed"], epoch, i))
+                 for epoch, i in keys.tolist()]
         return np.stack([image for image, _ in views]), np.stack([mask for _, mask in views])
 
     return make_views
@@ -357,15 +363,22 @@ def main(argv=None) -> dict:
     import segmenters  # torch loads only now: --help and flag errors stay instant
     import training
 
+    from parallel import torch_ddp
+
     device = segmenters.start_torch(cfg["device"], cfg["num_threads"], cfg["seed"], cfg["deterministic"])
+    ddp = torch_ddp.setup(device)  # under torchrun: this process's rank, device and process group
+    device, output_dir = ddp.device, args.output_dir
     seed_everything(cfg["seed"])
-    output_dir = prepare_output_dir(args.output_dir, cfg, overwrite=args.overwrite, smoke=args.smoke)
-    records = read_records(args.data_dir, args.smoke, output_dir, cfg)
+    if ddp.is_main:  # rank 0 alone writes; the others read what it wrote
+        prepare_output_dir(output_dir, cfg, overwrite=args.overwrite, smoke=args.smoke)
+    with ddp.main_first():  # the smoke photos (or the download) are in place before the others read
+        records = read_records(args.data_dir, args.smoke, output_dir, cfg, write=ddp.is_main)
     split = split_records(records, cfg["val_fraction"], cfg["test_fraction"], cfg["seed"])
-    write_split(output_dir, split.names())
+    if ddp.is_main:
+        write_split(output_dir, split.names())
     sets = load_sets(split, cfg)
     model, model_kwargs = training.make_model(cfg, device)
-    fit = training.make_fit(model, cfg, len(sets.train), device)
+    fit = training.make_fit(model, cfg, len(sets.train), device, ddp)
     print(f"{cfg['model']} ({cfg['weights']}) on {device.type}{' (bf16 autocast)' if fit.mixed_precision else ''}: "
           f"{segmenters.count_parameters(model) / 1e6:.2f}M parameters; {len(split.train)} train / "
           f"{len(split.val)} val / {len(split.test)} test photos; {len(sets.val_close_ups)} val close-ups",
@@ -376,9 +389,11 @@ def main(argv=None) -> dict:
     outputs.training_started(output_dir)
     start = time.monotonic()
     rng = np.random.default_rng(cfg["seed"])
-    history, best, epochs_run = training.train(fit, len(sets.train), view_maker(sets.train, cfg, rng),
+    history, best, epochs_run = training.train(fit, len(sets.train), view_maker(sets.train, cfg),
                                                (sets.val, sets.val_close_ups), cfg, rng)
     train_seconds = time.monotonic() - start
+    if not ddp.is_main:
+        return {}  # rank 0 alone measures the model and saves the results
     scores = {part: training.evaluate(model, photos, cfg, device, keep_masks=True)
               for part, photos in sets.measured().items()}
 
@@ -387,6 +402,7 @@ def main(argv=None) -> dict:
                                best_epoch=best.epoch)
     metrics = {**chapter_metrics(scores, sets, best, epochs_run, train_seconds),
                "parameters": segmenters.count_parameters(model), "mixed_precision": fit.mixed_precision,
+               "world_size": ddp.size,
                **run_facts(("torch", "torchvision"), device=device.type,
                            device_name=segmenters.device_name(device))}
     write_json(output_dir / "metrics.json", metrics)

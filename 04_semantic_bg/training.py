@@ -7,6 +7,10 @@ set of photos), `validate` (the whole val photos and their close-ups), and
 `train`, which strings them together and keeps the state of the epoch with the best
 `selection_score`. train.py imports this module after parsing its flags, so `--help`
 never waits for torch.
+
+Under torchrun (parallel.torch_ddp) each process steps on its slice of every global batch
+(data.distributed) with the model in DDP, the losses and the running IoU are summed over
+the processes, and rank 0 alone validates and keeps the best state.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from data import distributed
 from data.cli import UserError
+from parallel import torch_ddp
 
-# (indices of training photos) -> (images (N, h, w, 3) uint8, masks (N, h, w) uint8): augmented views
+# (N, 2) keys (epoch, index of a training photo) -> (images (N, h, w, 3) uint8, masks (N, h, w) uint8):
+# augmented views, each drawn from its key alone (so any process draws the same view)
 MakeViews = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 # --- Model --------------------------------------------------------------------------------
@@ -171,6 +178,8 @@ class Fit:
     """What every training step needs: the model, its optimizer and schedule, where it runs."""
 
     model: nn.Module
+    stepped: nn.Module  # what the steps run: the model in DDP under torchrun, else the model
+    ddp: torch_ddp.Processes  # this process among the run's (a world of one without torchrun)
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
@@ -184,11 +193,15 @@ class Fit:
         return self.ema.module if self.ema is not None else self.model
 
 
-def make_fit(model: nn.Module, cfg: dict, num_photos: int, device: torch.device) -> Fit:
-    steps_per_epoch = math.ceil(num_photos / cfg["batch_size"])
+def make_fit(model: nn.Module, cfg: dict, num_photos: int, device: torch.device,
+             ddp: torch_ddp.Processes | None = None) -> Fit:
+    """The training record; `ddp`: this process among torchrun's (None: a world of one)."""
+    ddp = ddp or torch_ddp.Processes(distributed.World(), device)
+    steps_per_epoch = len(epoch_batches(np.arange(num_photos), cfg["batch_size"], ddp))
     optimizer, schedule = make_schedule(model, cfg, steps_per_epoch)
     ema = make_ema(model, cfg["ema_decay"]) if cfg["ema_decay"] > 0 else None
-    return Fit(model, optimizer, schedule, device, uses_bf16(cfg, device), cfg["dice_weight"], ema)
+    return Fit(model, ddp.wrap(model), ddp, optimizer, schedule, device, uses_bf16(cfg, device),
+               cfg["dice_weight"], ema)
 
 
 # --- Train --------------------------------------------------------------------------------
@@ -199,32 +212,37 @@ def train_step(fit: Fit, images: np.ndarray, masks: np.ndarray, epoch: int):
     x, target = to_tensor(images, fit.device), to_device(masks, fit.device).long()
     # bf16 keeps float32's range, so no loss scaling is needed; BatchNorm and the loss run in float32
     with torch.autocast(device_type=fit.device.type, dtype=torch.bfloat16, enabled=fit.mixed_precision):
-        logits = fit.model(x)
+        logits = fit.stepped(x)
     loss = segmentation_loss(logits.float(), target, fit.dice_weight)
-    if not torch.isfinite(loss):
-        raise UserError(f"the loss became {loss.item()} at epoch {epoch}; try a lower --learning-rate")
+    # the mean over the processes: a non-finite loss in any one stops them all at this step
+    shown = fit.ddp.mean(loss.detach())
+    if not torch.isfinite(shown):
+        raise UserError(f"the loss became {shown.item()} at epoch {epoch}; try a lower --learning-rate")
     fit.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # under DDP the gradients arrive averaged over the processes
     fit.optimizer.step()
     fit.schedule.step()
     if fit.ema is not None:
         fit.ema.update_parameters(fit.model)
-    return loss, logits, target
+    return shown, logits, target
+
+
+def epoch_batches(order: np.ndarray, batch_size: int, ddp: torch_ddp.Processes) -> list[np.ndarray]:
+    """This process's photos of each global batch cut from `order`: each batch split over the
+    processes (data.distributed). torch 2.14.1's channels-last conv backward on CPU segfaults
+    on odd batch sizes (measured): a short last batch keeps a multiple of 2 photos per
+    process (the rest are seen next epoch)."""
+    return distributed.split_batches(order, batch_size, ddp.world, short_multiple=2 * ddp.size)
 
 
 def run_epoch(fit: Fit, num_photos: int, make_views: MakeViews, batch_size: int, rng,
               running: Running, epoch: int) -> None:
-    """One pass over the training photos in a fresh random order."""
+    """One pass over the training photos in a fresh random order: every process draws the
+    same order from the same `rng`, and steps on its own slice of each global batch."""
     fit.model.train()
-    order = rng.permutation(num_photos)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        # torch 2.14.1's channels-last conv backward on CPU segfaults on odd batch sizes
-        # (measured): drop the odd photo of a short last batch (it is seen next epoch).
-        batch = batch[:len(batch) // 2 * 2]
-        if not len(batch):
-            continue
-        loss, logits, target = train_step(fit, *make_views(batch), epoch)
+    for batch in epoch_batches(rng.permutation(num_photos), batch_size, fit.ddp):
+        keys = np.stack([np.full_like(batch, epoch), batch], axis=1)
+        loss, logits, target = train_step(fit, *make_views(keys), epoch)
         running.add(loss.item(), logits.argmax(1).bool(), target.bool())
 
 
@@ -246,22 +264,25 @@ def train(fit: Fit, num_photos: int, make_views: MakeViews, val_sets: tuple[list
     progress = tqdm(range(1, cfg["epochs"] + 1), desc="train", leave=False)
     for epoch in progress:
         run_epoch(fit, num_photos, make_views, cfg["batch_size"], rng, running, epoch)
-        out_of_time = 0 < limit < time.monotonic() - start
+        out_of_time = fit.ddp.any(0 < limit < time.monotonic() - start)  # all stop together
         if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"] or out_of_time:
-            val, close_ups = validate(fit, val_sets, cfg)
-            history.add(running, val, close_ups)
+            running.intersection, running.union = fit.ddp.sum([running.intersection, running.union])
+            if fit.ddp.is_main:  # rank 0 alone validates (the others wait at their next step)
+                val, close_ups = validate(fit, val_sets, cfg)
+                history.add(running, val, close_ups)
+                best.offer(selection_score(val, close_ups), epoch, fit.scored)
+                progress.set_postfix(loss=f"{history.loss[-1]:.3f}", val_iou=f"{val.iou:.3f}",
+                                     close_up_iou=f"{close_ups.iou:.3f}")
+                print(f"epoch {epoch:4d}  loss {history.loss[-1]:.4f}  train IoU {history.iou[-1]:.3f}"
+                      f"  val IoU {val.iou:.3f}  val BF1 {val.boundary_f1:.3f}"
+                      f"  val close-up IoU {close_ups.iou:.3f}", flush=True)
             running = Running()
-            best.offer(selection_score(val, close_ups), epoch, fit.scored)
-            progress.set_postfix(loss=f"{history.loss[-1]:.3f}", val_iou=f"{val.iou:.3f}",
-                                 close_up_iou=f"{close_ups.iou:.3f}")
-            print(f"epoch {epoch:4d}  loss {history.loss[-1]:.4f}  train IoU {history.iou[-1]:.3f}"
-                  f"  val IoU {val.iou:.3f}  val BF1 {val.boundary_f1:.3f}"
-                  f"  val close-up IoU {close_ups.iou:.3f}", flush=True)
         if out_of_time:
             print(f"stopped after epoch {epoch} of {cfg['epochs']}: --time-limit-minutes "
                   f"{cfg['time_limit_minutes']} reached", flush=True)
             break
-    fit.model.load_state_dict(best.state)
+    if fit.ddp.is_main:
+        fit.model.load_state_dict(best.state)
     return history, best, epoch
 
 

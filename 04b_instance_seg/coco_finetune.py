@@ -33,6 +33,7 @@ import tensorflow as tf
 import tv_roi_align
 
 from data.cli import UserError
+from parallel import tf_strategy
 
 KIND = "torchvision maskrcnn_resnet50_fpn fine-tuned"
 NEW_LAYERS = ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred",
@@ -91,7 +92,7 @@ class CocoFineTune(keras.Model):
         pyramid, objectness, deltas, rpn_logits, rpn_deltas = self.network(images, training=True)
         rpn = targets.rpn_targets(self.anchors, gt_boxes, gt_valid, cfg, seed)
         sampled = tf.cast(rpn["sampled"], tf.float32)
-        anchors_seen = tf.maximum(tf.reduce_sum(sampled), 1.0)
+        anchors_seen = tf.maximum(tf_strategy.global_sum(sampled), 1.0)  # model.compute_losses says why
         bce = tf.nn.sigmoid_cross_entropy_with_logits(rpn["objectness"], rpn_logits)
         losses = {"rpn_class": tf.reduce_sum(bce * sampled) / anchors_seen}
         box_error = tf.reduce_sum(smooth_l1(rpn_deltas - rpn["deltas"], 1 / 9), axis=-1)
@@ -109,7 +110,7 @@ class CocoFineTune(keras.Model):
             coco_model.ROI_SIZE)
         logits, box_deltas = self.box_head(crops, training=True)
         weight = tf.reshape(tf.cast(rois["valid"], tf.float32), [-1])
-        rois_seen = tf.maximum(tf.reduce_sum(weight), 1.0)
+        rois_seen = tf.maximum(tf_strategy.global_sum(weight), 1.0)
         classes = tf.reshape(rois["classes"], [-1])
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(classes, logits)
         losses["head_class"] = tf.reduce_sum(ce * weight) / rois_seen
@@ -136,7 +137,7 @@ class CocoFineTune(keras.Model):
         truth = tv_roi_align.roi_align(masks, boxes, coco_model.MASK_SIZE, 1.0, box_indices=which)[..., 0]
         per_roi = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(truth, logits), axis=[1, 2])
         positive = tf.reshape(tf.cast(rois["positive"][:, :count], tf.float32), [-1])
-        return tf.reduce_sum(per_roi * positive) / tf.maximum(tf.reduce_sum(positive), 1.0)
+        return tf.reduce_sum(per_roi * positive) / tf.maximum(tf_strategy.global_sum(positive), 1.0)
 
     def detect(self, images):
         """Boxes (B, D, 4), scores, 1-based classes, 28x28 mask probabilities, a valid flag."""

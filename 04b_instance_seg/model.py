@@ -46,6 +46,7 @@ import targets
 import tensorflow as tf
 
 from data.cli import UserError
+from parallel import tf_strategy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -272,11 +273,14 @@ class MaskRCNN(keras.Model):
 
     def compute_losses(self, images, gt_boxes, gt_classes, gt_masks, gt_valid, cfg: dict, seed,
                        proposal_valid_override=None):
-        """The five Mask R-CNN losses for one batch (see targets.py for the targets)."""
+        """The five Mask R-CNN losses for one batch (see targets.py for the targets). Each is a
+        mean over what was sampled (anchors, RoIs, masks), counted over the global batch
+        (tf_strategy.global_sum): under a tf.distribute strategy, a replica's losses are then
+        its part of the batch's, and the parts add up to the losses one device computes."""
         *pyramid, rpn_logits, rpn_deltas = self.network(images, training=True)
         rpn = targets.rpn_targets(self.anchors, gt_boxes, gt_valid, cfg, seed)
         sampled = tf.cast(rpn["sampled"], tf.float32)
-        anchors_seen = tf.maximum(tf.reduce_sum(sampled), 1.0)
+        anchors_seen = tf.maximum(tf_strategy.global_sum(sampled), 1.0)
         bce = tf.nn.sigmoid_cross_entropy_with_logits(rpn["objectness"], rpn_logits)
         losses = {"rpn_class": tf.reduce_sum(bce * sampled) / anchors_seen}
         box_error = tf.reduce_sum(smooth_l1(rpn_deltas - rpn["deltas"], 1 / 9), axis=-1)
@@ -289,7 +293,7 @@ class MaskRCNN(keras.Model):
         rois = targets.roi_targets(proposals, valid, gt_boxes, gt_classes, gt_valid, cfg, seed)
         logits, deltas = self.run_box_head(pyramid, rois["rois"])
         weight = tf.cast(rois["valid"], tf.float32)
-        rois_seen = tf.maximum(tf.reduce_sum(weight), 1.0)
+        rois_seen = tf.maximum(tf_strategy.global_sum(weight), 1.0)
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(rois["classes"], logits)
         losses["head_class"] = tf.reduce_sum(ce * weight) / rois_seen
         channel = tf.clip_by_value(rois["classes"] - 1, 0, self.num_classes - 1)
@@ -305,7 +309,7 @@ class MaskRCNN(keras.Model):
         truth = targets.mask_targets(gt_masks, mask_rois, rois["matched"][:, :count], MASK_SIZE,
                                      roi_align.crop_and_resize_aligned)
         per_roi = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(truth, mask_logits), axis=[2, 3])
-        losses["mask"] = tf.reduce_sum(per_roi * positive) / tf.maximum(tf.reduce_sum(positive), 1.0)
+        losses["mask"] = tf.reduce_sum(per_roi * positive) / tf.maximum(tf_strategy.global_sum(positive), 1.0)
         return losses
 
     def detect(self, images, proposal_valid_override=None):

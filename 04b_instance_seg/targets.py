@@ -21,6 +21,8 @@ import math
 import tensorflow as tf
 from keras.utils import bounding_boxes
 
+from parallel import tf_strategy
+
 RPN_VARIANCE = (1.0, 1.0, 1.0, 1.0)
 HEAD_VARIANCE = (0.1, 0.1, 0.2, 0.2)  # the usual scaling of the second stage's deltas
 MAX_LOG_SCALE = math.log(1000.0 / 16)  # clamp log(dw), log(dh): exp() must never overflow
@@ -113,7 +115,7 @@ def sample(labels, total: int, positive_fraction: float, seed):
     seed and the step), so a resumed run draws exactly what an uninterrupted one would.
     Returns (positive_chosen, negative_chosen), both (B, N) bool.
     """
-    keys = tf.random.stateless_uniform(tf.shape(labels), seed=seed)
+    keys = tf_strategy.uniform_rows(tf.shape(labels), seed)  # an image's own, on any replica
     batch = tf.shape(labels)[0]
     max_positive = int(total * positive_fraction)
     positive = _keep_highest(keys, labels == 1, tf.fill([batch], max_positive), max_positive)
@@ -156,7 +158,7 @@ def roi_targets(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, cfg: 
     labels = tf.where(candidate_valid, labels, -1)
     positive, negative = sample(labels, total, cfg["roi_positive_fraction"], seed)
     # One ordering for everything: chosen positives (keys 2..3), chosen negatives (1..2), rest.
-    keys = tf.random.stateless_uniform(tf.shape(labels), seed=seed + 1)
+    keys = tf_strategy.uniform_rows(tf.shape(labels), seed + 1)
     keys = tf.where(positive, 2.0 + keys, tf.where(negative, 1.0 + keys, keys - 1.0))
     top = tf.math.top_k(keys, k=total)
     order, valid, is_positive = top.indices, top.values > 0.0, top.values >= 2.0

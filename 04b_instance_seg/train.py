@@ -23,6 +23,7 @@ How to run
                                           # fine-tune torchvision's COCO Mask R-CNN (internet)
     python 04b_instance_seg/train.py --smoke                  # tiny pictures, under a minute
     python 04b_instance_seg/train.py --resume                 # continue an interrupted run
+    python 04b_instance_seg/train.py --strategy mirrored      # data-parallel: every local GPU (or 2 CPU replicas)
     python 04b_instance_seg/predict.py --model-path runs/04b_instance_seg/model.weights.h5 photo.jpg
 
 What to expect
@@ -47,6 +48,7 @@ import shapes
 from data import cli, outputs, pennfudan, synthetic
 from data.cli import ChapterParser, UserError, require, run_main, seed_everything
 from data.detection_eval import coco_map, coco_map_ci95
+from parallel import tf_strategy
 
 CHAPTER = "04b_instance_seg"
 CONFIG_PATH = Path(__file__).with_name("config.toml")
@@ -103,6 +105,7 @@ def check_config(cfg: dict) -> None:
             "--roi-positive-fraction times --rois-per-image must give at least one RoI (fraction <= 1)")
     for key in ("val_fraction", "test_fraction"):
         require(0 < cfg[key] < 0.5, f"--{key.replace('_', '-')} must be in (0, 0.5), got {cfg[key]}")
+    tf_strategy.check_config(cfg, keras_fit=False)  # a custom loop: it runs across workers
 
 
 # --- Data ------------------------------------------------------------------------------------
@@ -256,8 +259,13 @@ def make_optimizer(cfg: dict, steps_per_epoch: int):
 
 def make_train_step(model, optimizer, cfg: dict):
     """One traced graph: losses, gradients, an AdamW step. autograph is off: the code has no
-    Python control flow on tensors, and converting Keras' optimizer took half the tracing."""
+    Python control flow on tensors, and converting Keras' optimizer took half the tracing.
+    Under the strategy the model was built in, each replica runs `step` on its rows of the
+    batch; its losses are its part of the batch's (model.compute_losses counts over the whole
+    batch), so the optimizer's sum of the replicas' gradients is the batch's gradient."""
     import tensorflow as tf
+
+    strategy = model.distribute_strategy  # tf.distribute's default one for a plain run
 
     def step(batch, seed):
         with tf.GradientTape() as tape:
@@ -265,10 +273,17 @@ def make_train_step(model, optimizer, cfg: dict):
                                           batch["gt_masks"], batch["gt_valid"], cfg, seed)
             total = tf.add_n(list(losses.values()))
         gradients = tape.gradient(total, model.trainable_variables)
+        if strategy.num_replicas_in_sync > 1:  # clip the batch's gradient, not a replica's part
+            gradients = tf_strategy.sum_and_clip(gradients, cfg["grad_clip"])
         optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
         return {"loss": total, **losses}
 
-    return tf.function(step, autograph=False)
+    def replicated(batch, seed):  # the replicas' parts of each loss, summed: the batch's
+        parts = strategy.run(step, args=(batch, seed))
+        return {key: strategy.reduce("SUM", part, axis=None) for key, part in parts.items()}
+
+    graph = tf.function(replicated, autograph=False)
+    return lambda batch, seed: graph(tf_strategy.split_batch(strategy, batch), seed)
 
 
 def train_epoch(train_step, data: Data, cfg: dict, epoch: int, steps_done: int) -> dict:
@@ -436,6 +451,7 @@ def run_epochs(model, optimizer, data: Data, cfg: dict, output_dir: Path, state:
 def main(argv=None) -> dict:
     cfg, args = parse(argv)
     check_config(cfg)
+    args.output_dir = tf_strategy.worker_output_dir(args.output_dir, cfg)  # the chief's, or scratch
     output_dir = outputs.prepare_output_dir(args.output_dir, cfg, overwrite=args.overwrite,
                                             resume=cfg["resume"], smoke=args.smoke,
                                             data_dir=str(args.data_dir))
@@ -445,10 +461,14 @@ def main(argv=None) -> dict:
     require(data.num_train >= cfg["batch_size"], f"--batch-size {cfg['batch_size']} is more than the "
             f"{data.num_train} training images; use a smaller --batch-size")
     device, device_name = setup_tensorflow(cfg)  # TensorFlow is imported only now
-    model = build_model(cfg, data.class_names)
+    strategy = tf_strategy.make_strategy(cfg)  # "default": one device, as a plain run
+    tf_strategy.check_batch(cfg["batch_size"], strategy)
     steps_per_epoch = data.num_train // cfg["batch_size"]
-    optimizer = make_optimizer(cfg, steps_per_epoch)
-    optimizer.build(model.trainable_variables)  # before tracing: the step graph is traced once
+    with strategy.scope():  # the weights and AdamW's state, one copy per replica
+        model = build_model(cfg, data.class_names)
+        optimizer = make_optimizer(cfg, steps_per_epoch)
+        optimizer.build(model.trainable_variables)  # before tracing: the step graph is traced once
+    tf_strategy.sync_batchnorm(model, strategy)
     state = {"epoch": 0, "steps": 0, "history": {}, "val_curve": {}, "train_seconds": 0.0,
              "wall_seconds": 0.0, "best": {"epoch": 0, "mask_map50": -1.0}}
     if cfg["resume"]:
@@ -478,7 +498,8 @@ def main(argv=None) -> dict:
                    train_seconds=state["train_seconds"], wall_seconds=state["wall_seconds"],
                    num_train=data.num_train, num_val=len(data.val),
                    num_test=len(data.split["test"]), dataset=cfg["dataset"], weights=cfg["weights"],
-                   **outputs.run_facts(("tensorflow", "keras", "keras-hub"), device, device_name))
+                   **outputs.run_facts(("tensorflow", "keras", "keras-hub"), device, device_name),
+                   **tf_strategy.run_facts(strategy, model))
     save_figures(output_dir, state, cfg, data.class_names, test, predictions)
     outputs.write_metrics(output_dir, metrics)
     return metrics

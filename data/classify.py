@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.cli import UserError
+from data.cli import REPO_ROOT, OneLineParser, UserError
 from data.images import read_rgb, resize_rgb
 from data.intervals import wilson_ci95
 
@@ -110,16 +110,9 @@ def check_keras_model_chapter(path: str | os.PathLike, chapter: str) -> Path:
     return path
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, as the chapter scripts do
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def predict_parser(doc: str | None, chapter: str) -> argparse.ArgumentParser:
     """--model-path (default runs/<chapter>/model.keras), --device, --num-threads, PHOTO..."""
-    from data.cli import REPO_ROOT
-
-    parser = _OneLineParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("photos", nargs="+", type=Path, metavar="PHOTO",
                         help="image files (any format the shared reader opens)")
     parser.add_argument("--model-path", type=Path, default=REPO_ROOT / "runs" / chapter / "model.keras",

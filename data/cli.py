@@ -164,7 +164,14 @@ def _parse_value(kind: type, key: str) -> Callable[[str], Any]:
     return parse
 
 
-class ChapterParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2, like every script's other errors."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class ChapterParser(OneLineParser):
     """argparse with one flag per config key, plus the flags every chapter shares."""
 
     def __init__(self, doc: str | None, config_path: Path, chapter: str) -> None:
@@ -211,9 +218,6 @@ class ChapterParser(argparse.ArgumentParser):
             else:
                 group.add_argument(_flag(key), dest=key, type=_parse_value(type(value), key),
                                    default=None, help=f"{help_text} (default: {value})".strip())
-
-    def error(self, message: str) -> None:  # one line, exit 2, as argparse does
-        self.exit(2, f"error: {message} (see --help)\n")
 
     def parse_config(self, argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argparse.Namespace]:
         """Parse flags and return (resolved config, namespace with the common flags)."""

@@ -35,10 +35,16 @@ CHAPTER_FRAMEWORKS = {
     "03_tf_od_api": (*KERAS, "keras_hub"), "04b_instance_seg": (*KERAS, "keras_hub"),
     "03b_xml_detection": TORCH, "04_semantic_bg": TORCH,
 }
-# Environment variables read only while a script runs, never on a framework's import: a
-# test may set these and still start warm. Any other change (CUDA_VISIBLE_DEVICES,
-# KERAS_HOME, TORCH_HOME, proxies) starts the run cold.
-RUN_TIME_ENV = {"DLSTUDY_MIRROR"}
+# A proxy nothing listens on: every download is refused at once, "offline" even on a
+# networked machine.
+CLOSED_PROXY = "http://127.0.0.1:9"
+OFFLINE = {"HTTPS_PROXY": CLOSED_PROXY, "HTTP_PROXY": CLOSED_PROXY, "https_proxy": CLOSED_PROXY,
+           "http_proxy": CLOSED_PROXY, "NO_PROXY": "", "no_proxy": ""}
+# Environment variables read only while a script runs, never on a framework's import (urllib
+# reads the proxies per request, torch.hub TORCH_HOME and kagglehub KAGGLEHUB_CACHE per call):
+# a test may set these and still start warm. Any other change (CUDA_VISIBLE_DEVICES,
+# KERAS_HOME, which Keras reads on import) starts the run cold.
+RUN_TIME_ENV = {"DLSTUDY_MIRROR", "TORCH_HOME", "KAGGLEHUB_CACHE", *OFFLINE}
 
 
 def script_env(**extra: str) -> dict[str, str]:
@@ -345,12 +351,9 @@ def assert_failed_start_left_nothing(output_dir: Path, existed_before: bool = Fa
 
 
 def offline_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """No dataset mirror, and every download refused at once (a proxy port nothing listens
-    on), on any machine: a run that needs to fetch data or weights fails, and fails fast."""
-    proxy = "http://127.0.0.1:9"
-    return script_env(DLSTUDY_MIRROR=str(Path(tmp_path) / "no_mirror"), HTTPS_PROXY=proxy,
-                      HTTP_PROXY=proxy, https_proxy=proxy, http_proxy=proxy, NO_PROXY="",
-                      no_proxy="", **extra)
+    """No dataset mirror, and every download refused at once (OFFLINE), on any machine: a run
+    that needs to fetch data or weights fails, and fails fast."""
+    return script_env(DLSTUDY_MIRROR=str(Path(tmp_path) / "no_mirror"), **OFFLINE, **extra)
 
 
 def chance_99th_percentile(n: int, p: float) -> int:

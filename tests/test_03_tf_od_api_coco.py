@@ -21,7 +21,17 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.helpers import assert_one_line_error, run_chapter, run_python, run_script, script_env
+from tests.helpers import (
+    OFFLINE,
+    assert_one_line_error,
+    run_chapter,
+    run_python,
+    run_script,
+    script_env,
+)
+
+# A pretrained path through a stand-in weights file: `make test` runs these, `make smoke` skips them.
+pytestmark = pytest.mark.pretrained
 
 CHAPTER = "03_tf_od_api"
 TRAIN = "03_tf_od_api/train.py"
@@ -75,9 +85,7 @@ def write_stand_in(cache, kind: str = "coco"):
 
 
 def offline(cache) -> dict[str, str]:
-    proxy = "http://127.0.0.1:9"  # a closed local proxy: nothing can be downloaded
-    return script_env(KAGGLEHUB_CACHE=str(cache), HTTPS_PROXY=proxy, HTTP_PROXY=proxy, https_proxy=proxy,
-                      http_proxy=proxy, NO_PROXY="", no_proxy="")
+    return script_env(KAGGLEHUB_CACHE=str(cache), **OFFLINE)  # nothing can be downloaded
 
 
 def _arrays(path) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ import math
 import pytest
 
 from tests.helpers import (
+    OFFLINE,
     assert_failed_start_left_nothing,
     assert_one_line_error,
     run_python,
@@ -29,11 +30,11 @@ from tests.helpers import (
     script_env,
 )
 
+# A pretrained path through a stand-in weights file: `make test` runs these, `make smoke` skips them.
+pytestmark = pytest.mark.pretrained
+
 TRAIN, DETECT = "03b_xml_detection/train.py", "03b_xml_detection/detect.py"
 FILE = "fcos_resnet50_fpn_coco-99b0c9b7.pth"  # the name in COCO_V1's URL
-REFUSED = "http://127.0.0.1:9"
-OFFLINE = {"HTTPS_PROXY": REFUSED, "HTTP_PROXY": REFUSED, "https_proxy": REFUSED, "http_proxy": REFUSED,
-           "NO_PROXY": "", "no_proxy": ""}
 # The shortest run that still goes through the whole path: 2 steps of 12 of the 24 smoke
 # pictures at 64 px, at the learning rate config.toml suggests for fine-tuning.
 FLAGS = ("--smoke", "--weights", "coco", "--image-size", "64", "--batch-size", "12", "--epochs", "1",

@@ -27,6 +27,7 @@ from PIL import Image
 from data.images import read_rgb
 from data.pennfudan import load_pennfudan
 from tests.helpers import (
+    OFFLINE,
     REPO,
     assert_failed_start_left_nothing,
     assert_one_line_error,
@@ -483,9 +484,6 @@ def test_ema_decay_ramps_up_then_holds_and_averages_known_answers(training_probe
 # --- the scripts -------------------------------------------------------------------------
 
 
-REFUSED = "http://127.0.0.1:9"  # a proxy that refuses at once: offline even on a networked machine
-OFFLINE = {"HTTPS_PROXY": REFUSED, "HTTP_PROXY": REFUSED, "https_proxy": REFUSED, "http_proxy": REFUSED,
-           "NO_PROXY": "", "no_proxy": ""}
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.helpers import assert_one_line_error, run_script, script_env
+from tests.helpers import OFFLINE, assert_one_line_error, run_script, script_env
+
+# A pretrained path through a stand-in weights file: `make test` runs these, `make smoke` skips them.
+pytestmark = pytest.mark.pretrained
 
 CONVERT, PARITY, PREDICT = (f"04b_instance_seg/{name}.py" for name in ("convert_coco", "parity", "predict"))
 PTH = "hub/checkpoints/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"  # the name in COCO_V1's URL
 CONVERTED = "hub/checkpoints/maskrcnn_resnet50_fpn_coco-bf2d0c1e.keras.npz"
-CLOSED_PROXY = "http://127.0.0.1:9"  # nothing listens there: "offline", even with internet
-OFFLINE = {"HTTPS_PROXY": CLOSED_PROXY, "HTTP_PROXY": CLOSED_PROXY, "https_proxy": CLOSED_PROXY,
-           "http_proxy": CLOSED_PROXY, "NO_PROXY": "", "no_proxy": ""}
 
 
 def synthetic_photo(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:

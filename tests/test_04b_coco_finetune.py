@@ -15,6 +15,9 @@ from PIL import Image
 from tests.helpers import run_python, run_script
 from tests.test_04b_coco import CONVERTED, PREDICT, make_stand_in, synthetic_photo
 
+# A pretrained path through a stand-in weights file: `make test` runs these, `make smoke` skips them.
+pytestmark = pytest.mark.pretrained
+
 
 @pytest.fixture(scope="module")
 def stand_in(tmp_path_factory):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import (
+    OFFLINE,
     assert_failed_start_left_nothing,
     assert_one_line_error,
     interrupt_after,
@@ -26,9 +27,6 @@ TRAIN = "04b_instance_seg/train.py"
 PREDICT = "04b_instance_seg/predict.py"
 CHAPTER = "04b_instance_seg"
 SHAPES = ("square", "circle", "triangle")
-CLOSED_PROXY = "http://127.0.0.1:9"  # nothing listens there: "offline", even with internet
-OFFLINE = {"HTTPS_PROXY": CLOSED_PROXY, "HTTP_PROXY": CLOSED_PROXY, "https_proxy": CLOSED_PROXY,
-           "http_proxy": CLOSED_PROXY, "NO_PROXY": "", "no_proxy": ""}
 
 
 @pytest.fixture(scope="module")
