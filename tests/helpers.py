@@ -41,10 +41,11 @@ CLOSED_PROXY = "http://127.0.0.1:9"
 OFFLINE = {"HTTPS_PROXY": CLOSED_PROXY, "HTTP_PROXY": CLOSED_PROXY, "https_proxy": CLOSED_PROXY,
            "http_proxy": CLOSED_PROXY, "NO_PROXY": "", "no_proxy": ""}
 # Environment variables read only while a script runs, never on a framework's import (urllib
-# reads the proxies per request, torch.hub TORCH_HOME and kagglehub KAGGLEHUB_CACHE per call):
-# a test may set these and still start warm. Any other change (CUDA_VISIBLE_DEVICES,
-# KERAS_HOME, which Keras reads on import) starts the run cold.
-RUN_TIME_ENV = {"DLSTUDY_MIRROR", "TORCH_HOME", "KAGGLEHUB_CACHE", *OFFLINE}
+# reads the proxies per request, kagglehub KAGGLEHUB_CACHE per call): a test may set these and
+# still start warm. Any other change starts the run cold: CUDA_VISIBLE_DEVICES; KERAS_HOME,
+# which Keras reads on import; TORCH_HOME, which also marks a torch script in a Keras chapter
+# (04b's convert_coco.py), where the chapter's warm TensorFlow would crash torchvision.
+RUN_TIME_ENV = {"DLSTUDY_MIRROR", "KAGGLEHUB_CACHE", *OFFLINE}
 
 
 def script_env(**extra: str) -> dict[str, str]:
