@@ -96,7 +96,7 @@ def sigterm_rank_1(script, *args, after: str, timeout: float = 240) -> tuple[int
             if not line:
                 break
             seen.append(line)
-            rank_1 = rank_1 or (re.search(r"^rank 1 pid (\d+)", line) or [None, None])[1]
+            rank_1 = rank_1 or (re.search(r"rank 1 pid (\d+)", line) or [None, None])[1]  # lines of the two ranks may run together
             if signalled is None and re.search(after, line):
                 assert rank_1, "".join(seen)
                 os.kill(int(rank_1), signal.SIGTERM)
