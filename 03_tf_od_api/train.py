@@ -394,6 +394,19 @@ def evaluate_and_export(detector, arch, cfg, folder: Path, output_dir: Path, sta
     return metrics
 
 
+def start_state(detector, strategy, cfg: dict, output_dir: Path) -> dict:
+    """The run's progress: fresh, or with --resume the saved one and the optimizer's state."""
+    state = {"epoch": 0, "train_seconds": 0.0, "wall_seconds": 0.0, "best_map50": -1.0, "best_epoch": 0,
+             "history": {}, "val_curve": {"epoch": [], "map50": [], "map": []}}
+    if cfg["resume"]:
+        saved = _read_json(output_dir / "state.json")
+        state.update({key: saved[key] for key in state})
+        with strategy.scope():
+            restore_optimizer(detector, output_dir / "optimizer.npz")
+        print(f"resumed from {output_dir / 'checkpoint.weights.h5'} after epoch {state['epoch']}")
+    return state
+
+
 def main(argv=None) -> dict:
     wall_start = time.monotonic()
     cfg, args = ChapterParser(__doc__, CONFIG_PATH, CHAPTER).parse_config(argv)
@@ -427,14 +440,7 @@ def main(argv=None) -> dict:
     with strategy.scope():  # and the optimizer's state
         detector_lib.compile_detector(detector, cfg, len(train_split.images) // cfg["batch_size"])
     save_augmented(output_dir, train_split, cfg, arch)
-    state = {"epoch": 0, "train_seconds": 0.0, "wall_seconds": 0.0, "best_map50": -1.0, "best_epoch": 0,
-             "history": {}, "val_curve": {"epoch": [], "map50": [], "map": []}}
-    if cfg["resume"]:
-        saved = _read_json(output_dir / "state.json")
-        state.update({key: saved[key] for key in state})
-        with strategy.scope():
-            restore_optimizer(detector, output_dir / "optimizer.npz")
-        print(f"resumed from {output_dir / 'checkpoint.weights.h5'} after epoch {state['epoch']}")
+    state = start_state(detector, strategy, cfg, output_dir)
     state["wall_seconds"] += time.monotonic() - wall_start
     outputs.training_started(output_dir)  # data, device and weights checked: a failure now keeps the checkpoint
     state = train(detector, arch, train_split, val, cfg, output_dir, state)

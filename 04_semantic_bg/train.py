@@ -357,6 +357,13 @@ def save_plots(history, scores: dict, sets: Sets, output_dir: Path, cfg: dict) -
                output_dir, part, cfg["grid_images"])
 
 
+def print_summary(scores: dict, sets: Sets, best, epochs_run: int, train_seconds: float, output_dir: Path) -> None:
+    part = "test" if sets.test is not None else "val"
+    print(f"{part} person IoU {scores[part].iou:.4f}  close-up IoU {scores[f'{part}_close_ups'].iou:.4f}  "
+          f"pixel accuracy {scores[part].pixel_accuracy:.4f}  boundary F1 {scores[part].boundary_f1:.4f}  "
+          f"(best epoch {best.epoch} of {epochs_run}, {train_seconds:.0f} s) -> {output_dir}")
+
+
 def main(argv=None) -> dict:
     cfg, args = ChapterParser(__doc__, CONFIG_PATH, CHAPTER).parse_config(argv)
     check_config(cfg)
@@ -383,10 +390,7 @@ def main(argv=None) -> dict:
           f"{segmenters.count_parameters(model) / 1e6:.2f}M parameters; {len(split.train)} train / "
           f"{len(split.val)} val / {len(split.test)} test photos; {len(sets.val_close_ups)} val close-ups",
           flush=True)
-
-    # data, device and weights are in hand: from here a failure keeps what the run wrote; before
-    # this, run_main removed it, so the corrected command needs no --overwrite
-    outputs.training_started(output_dir)
+    outputs.training_started(output_dir)  # data, device and weights in hand: a failure now keeps the run
     start = time.monotonic()
     rng = np.random.default_rng(cfg["seed"])
     history, best, epochs_run = training.train(fit, len(sets.train), view_maker(sets.train, cfg),
@@ -408,10 +412,7 @@ def main(argv=None) -> dict:
     write_json(output_dir / "metrics.json", metrics)
     write_json(output_dir / "per_photo.json", per_photo(scores, sets))
     save_plots(history, scores, sets, output_dir, cfg)
-    part = "test" if sets.test is not None else "val"
-    print(f"{part} person IoU {scores[part].iou:.4f}  close-up IoU {scores[f'{part}_close_ups'].iou:.4f}  "
-          f"pixel accuracy {scores[part].pixel_accuracy:.4f}  boundary F1 {scores[part].boundary_f1:.4f}  "
-          f"(best epoch {best.epoch} of {epochs_run}, {train_seconds:.0f} s) -> {output_dir}")
+    print_summary(scores, sets, best, epochs_run, train_seconds, output_dir)
     return metrics
 
 

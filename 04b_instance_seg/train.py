@@ -448,6 +448,18 @@ def run_epochs(model, optimizer, data: Data, cfg: dict, output_dir: Path, state:
     return state
 
 
+def load_best(cfg: dict, output_dir: Path):
+    """The weights of the best validation epoch, in the model they were trained in."""
+    import model as maskrcnn
+
+    load = maskrcnn.load_model
+    if cfg["weights"] == "coco":  # a fine-tune of torchvision's COCO model
+        import coco_finetune
+
+        load = coco_finetune.load_model
+    return load(output_dir / "model.weights.h5")
+
+
 def main(argv=None) -> dict:
     cfg, args = parse(argv)
     check_config(cfg)
@@ -479,15 +491,7 @@ def main(argv=None) -> dict:
     if state["epoch"] < cfg["epochs"]:  # from here a failure keeps the run's files, to resume
         outputs.training_started(output_dir)
     state = run_epochs(model, optimizer, data, cfg, output_dir, state, start)
-
-    import model as maskrcnn
-
-    load = maskrcnn.load_model
-    if cfg["weights"] == "coco":  # a fine-tune of torchvision's COCO model
-        import coco_finetune
-
-        load = coco_finetune.load_model
-    best = load(output_dir / "model.weights.h5")  # the best validation epoch
+    best = load_best(cfg, output_dir)
     metrics = {}
     test = predictions = None
     if cfg["evaluate_test"]:  # the test set, once
