@@ -1,49 +1,27 @@
 """02: a fruit CNN, the study's first attempt reproduced faithfully.
 
-What it teaches
-    Classify the Kaggle fruit photos (mbkinaci/fruit-images-for-object-detection) into
-    apple, banana, orange and mixed; the class is the file-name prefix. 240 training
-    images (75/73/72/20) and 60 test images (19/18/18/5). This is the study's recipe as it
-    was: a plain Conv/MaxPool stack, Flatten, Dense, softmax; Adam and categorical
-    cross-entropy; a fixed number of epochs; no augmentation and no validation set
-    ("the dataset is too small"). The study got 61.7% test accuracy and blamed
-    overfitting and a noisy dataset. The recipe is kept; only its mechanics are made
-    correct: every image is read as upright RGB through the shared reader (37 files
-    named .jpg are PNG, some RGBA or palette), resized by squashing the whole photo to a
-    square with antialiased bilinear resampling (no crop, so no fruit is cut off),
-    scaled to [0, 1] inside the model, and everything is seeded, with TensorFlow's
-    deterministic ops: the same seed gives the same numbers on the same machine and
-    library versions (another CPU, a GPU or another TensorFlow may differ slightly).
+What it teaches: the 2020 study's recipe as it was, with only its mechanics made correct.
+The Kaggle fruit photos (240 for training, 60 for test) are classified into apple, banana,
+orange and mixed; the class is the file-name prefix. A plain Conv/MaxPool stack, Flatten,
+Dense and softmax (model.py); Adam on categorical cross-entropy for a fixed number of epochs;
+no augmentation and no validation set ("the dataset is too small"). Every photo is read as
+upright RGB by the shared reader, squashed whole to a square (no crop), scaled to [0, 1]
+inside the model, and every draw is seeded, with TensorFlow's deterministic ops. The
+training curves are the lesson: the network memorises the 240 photos. With no validation
+set only the training curves are drawn; the test split is touched once. 02b fixes it.
 
-    The training curves are the lesson: training accuracy reaches 100% by epoch 15 and
-    the loss goes to ~0, so the network has memorised the 240 photos; what it still gets
-    wrong on test is the class it saw least ("mixed", 20 images), which it names by its
-    dominant fruit. With no validation set there is no honest per-epoch curve to draw,
-    so only the training curves are plotted; the test split is touched once. 02b fixes it.
-
-How to run
+How to run (from the repository root):
     python 02_fruit_cnn/train.py                      # real data, into runs/02_fruit_cnn/
     python 02_fruit_cnn/train.py --seed 1 --output-dir runs/02_fruit_cnn-seed1
     python 02_fruit_cnn/train.py --epochs 50 --image-size 128 --output-dir runs/02-e50
     python 02_fruit_cnn/train.py --smoke              # synthetic data, ~10 s
     python 02_fruit_cnn/train.py --strategy mirrored  # data-parallel: every local GPU (or 2 CPU replicas)
     python 02_fruit_cnn/predict.py --model-path runs/02_fruit_cnn/model.keras photo.jpg
-    A run writes config.json, split.json (the photo names), metrics.json (each accuracy with
-    its Wilson 95% interval), test_predictions.json (one row per test photo), model.keras
-    and the plots; a folder that holds a finished run is refused without --overwrite.
+A run writes config.json, split.json (the photo names), metrics.json (each accuracy with its
+Wilson 95% interval), test_predictions.json (one row per test photo), model.keras and the
+plots; a folder that holds a finished run is refused without --overwrite.
 
-What to expect (measured on 2 CPU cores shared with other jobs; deterministic per seed)
-    python 02_fruit_cnn/train.py --data-dir /tmp/dd --output-dir runs/02_fruit_cnn
-    -> test accuracy 0.900 (54/60, 95% interval 0.799-0.953): apple 1.000, banana 0.889,
-       orange 1.000, mixed 0.200 (1 of 5); training accuracy 1.000.
-    --seed 1 / --seed 2 (--output-dir runs/02_fruit_cnn-seed1 / -seed2): 0.867 (52/60,
-    0.758-0.931) / 0.900 (54/60, 0.799-0.953), mixed 0 of 5 both times; mean of the three
-    seeds 0.889. 30 epochs took 122-230 s of training on the loaded machine (33-65 s
-    measured earlier with fewer jobs beside it).
-    The study's 61.7% is not reproduced: read correctly, its recipe gives 87-90%. Two
-    likely 2020 slips (pixels left in 0..255; RGBA files with the alpha dropped) were
-    tried with temporary code edits that no flag reproduces, and neither came near 61.7%.
-    The study's own code is not available to check further.
+The measured figures, the seeds and what became of the study's 61.7%: 02_fruit_cnn/README.md.
 """
 
 from __future__ import annotations

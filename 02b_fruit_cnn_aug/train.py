@@ -1,73 +1,27 @@
 """02b: a fruit CNN with augmentation, the fix the 2020 study proposed, done well.
 
-What it teaches
-    The study's first CNN (02) overfit 240 photos; its proposed fixes were an image
-    generator to enlarge the data, a validation set and a bigger network. This script
-    does each one properly:
-    - a seeded, stratified validation split carved from the 240 training images (saved,
-      with the test photo names, as split.json); every choice is made on it, and the 60
-      test images are read once, for the model that is kept (--no-evaluate-test: never);
-    - augmentation with Keras preprocessing layers in a tf.data pipeline: flips,
-      rotation, zoom, shifts, brightness, contrast (never hue: colour separates apple
-      from orange);
-    - a from-scratch network with batch norm, global average pooling and dropout;
-      a warm-up + cosine learning-rate schedule run to its end, keeping the weights of
-      the best validation accuracy (early stopping only with --patience N); label
-      smoothing; class weights for the
-      small "mixed" class (20 images against ~73 per fruit);
-    - `--weights imagenet` fine-tunes a keras.applications backbone instead: what a
-      user with internet should run. `--weights PATH` loads that backbone from a file;
-    - `--audit` answers the study's "noisy dataset" complaint with evidence: a contact
-      sheet of the training images ordered by the model's loss and, with an `exclude`
-      list, a second run without those training photos, compared with the first on the
-      same validation photos; the test split is scored once, for the run kept.
-    Every accuracy comes with its Wilson 95% interval; val_predictions.json and
-    test_predictions.json hold one row per photo, so compare.py can pair two recipes
-    photo by photo. TensorFlow's deterministic ops make a seed repeat its numbers on the
-    same machine and library versions (another CPU, a GPU or another TensorFlow may not).
+What it teaches: the study's first CNN (02) overfit 240 photos; it proposed an image
+generator, a validation set and a bigger network. Each is done properly here: a seeded,
+stratified validation split of the training photos decides every choice (the 60 test photos
+are read once, for the kept model); Keras preprocessing layers augment, never the hue (colour
+tells apple from orange); a from-scratch net with batch norm, global average pooling and
+dropout (model.py); a warm-up + cosine schedule run to its end, keeping the best validation
+epoch, with label smoothing and class weights for the small "mixed" class (training.py).
+`--weights imagenet` fine-tunes a keras.applications backbone instead. `--audit` ranks the
+training photos by loss to test the study's "noisy dataset" complaint; with an `exclude`
+list it also trains without them and keeps the run that wins on validation.
 
-How to run
+How to run (from the repository root):
     python 02b_fruit_cnn_aug/train.py                    # from scratch, into runs/02b_fruit_cnn_aug/
     python 02b_fruit_cnn_aug/train.py --seed 1 --output-dir runs/02b_fruit_cnn_aug-seed1
     python 02b_fruit_cnn_aug/train.py --weights imagenet --output-dir runs/02b-imagenet
-    python 02b_fruit_cnn_aug/train.py --audit --config 02b_fruit_cnn_aug/audited.toml \
-        --output-dir runs/02b-audit                      # contact sheet, +- exclusions
-    python 02b_fruit_cnn_aug/train.py --no-evaluate-test --output-dir runs/02b-tune  # tuning
+    python 02b_fruit_cnn_aug/train.py --audit --config 02b_fruit_cnn_aug/audited.toml --output-dir runs/02b-audit
+    python 02b_fruit_cnn_aug/train.py --no-evaluate-test --output-dir runs/02b-tune  # tuning: test unread
     python 02b_fruit_cnn_aug/train.py --smoke            # synthetic data, seconds
     python 02b_fruit_cnn_aug/train.py --strategy mirrored  # data-parallel: every local GPU (or 2 CPU replicas)
     python 02b_fruit_cnn_aug/predict.py --model-path runs/02b_fruit_cnn_aug/model.keras photo.jpg
     python 02b_fruit_cnn_aug/compare.py RUN... --against RUN...  # paired, photo by photo
-
-What to expect (measured on 2 quiet CPU cores, one run at a time; deterministic per seed)
-    python 02b_fruit_cnn_aug/train.py --data-dir /tmp/dd --output-dir runs/02b_fruit_cnn_aug
-    -> test accuracy 0.950 (57/60, 95% interval 0.863-0.983): apple, banana and orange
-       1.000, mixed 0.400 (2 of 5); val accuracy 0.979 (47/48, best epoch 52 of 80);
-       649 s of training.
-    --seed 1 / --seed 2 (--output-dir runs/02b_fruit_cnn_aug-seed1 / -seed2): 0.933
-    (56/60, 0.841-0.974) / 0.917 (55/60, 0.819-0.964); mean of the three seeds 0.933,
-    a 0.93 goal reached by one photo. Against 02's three seeds (mean 0.889) on the same
-    photos, compare.py gives +4.4 points with a paired 95% interval of -1.1 to +11.1: the
-    direction favours 02b; 60 photos cannot show it.
-    The validation curve swings wildly while the learning rate is high and settles as the
-    cosine schedule lowers it. The earlier default (100 epochs, patience 25) stopped seed
-    0 at epoch 34 on a lucky epoch-9 score; running the schedule to its end (patience 0)
-    gave a seed mean of 0.933 against 0.922 then, two photos of 180: noise, and the
-    saturated validation split (45-48 of 48 right) does not tell the two apart.
-
-What the audit found (the ranking that --audit draws as audit.png, computed for the model
-of an earlier default run, made before the ops were deterministic; the full --audit run
-itself was not measured)
-    Ranked by the trained model's loss, only 2 of 240 training images disagree with
-    their label: banana_35 (a face drawn from two peaches and a banana: mixed by the
-    dataset's own rule) and orange_13 (a yellow close-up, called banana). banana_61 (a
-    banana with a red apple) ranks 6th. A limit to know: the loss of an image the model
-    trained on is low even when its label is wrong: mixed_20, a single drawn orange
-    labelled mixed, ranks 153rd. Illustrations are in the test split too, so they are
-    data to learn, not noise. The three label errors are in audited.toml:
-    python 02b_fruit_cnn_aug/train.py --data-dir /tmp/dd --config 02b_fruit_cnn_aug/audited.toml \
-        --output-dir runs/02b_fruit_cnn_aug-audited
-    They now leave the training photos only, so a run with and without them is compared
-    on the same validation photos; that comparison has not been measured with this code.
+Figures, seeds, the earlier settings and the audit's findings: 02b_fruit_cnn_aug/README.md.
 """
 
 from __future__ import annotations

@@ -44,11 +44,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """`value` with paths, NumPy numbers and arrays made JSON types, and NaN / inf as null."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, np.generic):
@@ -62,7 +63,7 @@ def _jsonable(value: Any) -> Any:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(jsonable(obj), indent=2, sort_keys=False) + "\n")
     return Path(path)
 
 
@@ -210,7 +211,7 @@ def check_resume_config(output_dir: Path, config: dict[str, Any],
         raise UserError(f"--resume: {output_dir}/config.json is missing or unreadable; "
                         "start a new run with --overwrite") from None
     changed = sorted(key for key, value in config.items()
-                     if key not in may_change and key in saved and saved[key] != _jsonable(value))
+                     if key not in may_change and key in saved and saved[key] != jsonable(value))
     if changed:
         first = changed[0]
         raise UserError(f"--resume: the run in {output_dir} was made with {first}="
@@ -360,6 +361,37 @@ def plot_image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: s
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def spread(count: int, wanted: int) -> np.ndarray:
+    """`wanted` indices spread evenly over range(count) (all of them when there are fewer)."""
+    return np.linspace(0, count - 1, min(wanted, count)).astype(int)
+
+
+def plot_val_curve(val_curve: dict[str, Sequence[float]], curves: Sequence[tuple[str, str]],
+                   path: str | os.PathLike, ylabel: str = "validation mAP") -> Path:
+    """The validation figures against the epoch: `curves` names (key, label) pairs of `val_curve`,
+    whose "epoch" list holds the epochs they were measured at."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for key, label in curves:
+        ax.plot(val_curve["epoch"], val_curve[key], marker="o", markersize=3, label=label)
+    ax.set(xlabel="epoch", ylabel=ylabel, ylim=(0, 1), title=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_truth_vs_prediction(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], path: str | os.PathLike,
+                             score_threshold: float, what: str = "test photos", columns: int = 6,
+                             cell: float = 2.4) -> Path:
+    """(name, truth drawn, prediction drawn) per example, side by side: the test-set grid."""
+    cells, titles = [], []
+    for name, truth, predicted in pairs:
+        cells += [truth, predicted]
+        titles += [f"{name}: truth", f"predicted (>= {score_threshold})"]
+    return plot_image_grid(cells, titles, path, columns=columns, cell=cell,
+                           title=f"{what}: ground truth (left) and predictions (right)")
 
 
 def print_detections(path, boxes, labels, scores, class_names: Sequence[str],
