@@ -1,6 +1,6 @@
 """The training machinery of 03b (as in torchvision's references/detection/engine.py):
-determinism and device, the data loader, AdamW with warm-up + cosine, the weight EMA, one
-epoch of steps, and the checkpoint.
+the device, threads and determinism, the data loader, AdamW with warm-up + cosine, the
+weight EMA, one epoch of steps, and the checkpoint that --resume continues from.
 
 On a CUDA GPU the network runs under bfloat16 autocast (same exponent range as float32,
 so no loss scaling is needed), while FCOS's losses and box decoding stay in float32
@@ -14,18 +14,32 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import model as detector
 import torch
 from augment import FruitBoxes, collate
-from model import Photos
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from data import outputs
-from data.cli import UserError
+from data.cli import UserError, require, seed_everything
 from data.distributed import EpochBatches
 from parallel import torch_ddp
 
-# --- Determinism and device ----------------------------------------------------------
+# --- Device, threads and determinism -------------------------------------------------
+
+
+def setup(cfg: dict) -> torch_ddp.Processes:
+    """The device (one line if --device cuda finds no GPU), torchrun's process group if
+    there is one (parallel.torch_ddp: rank 0 alone prints and writes), threads and seeds."""
+    ddp = torch_ddp.setup(detector.pick_device(cfg["device"]))
+    device = ddp.device
+    threads = detector.set_threads(cfg["num_threads"])
+    seed_everything(cfg["seed"])
+    make_repeatable(cfg["seed"], device)
+    name = detector.device_name(device)
+    print(f"device: {device.type}{f' ({name})' if name else ''}, {threads} CPU threads"
+          + (f", {ddp.size} processes" if ddp.size > 1 else ""))
+    return ddp
 
 
 def make_repeatable(seed: int, device: torch.device) -> None:
@@ -38,7 +52,7 @@ def make_repeatable(seed: int, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def make_loader(photos: Photos, cfg: dict, ddp: torch_ddp.Processes) -> torch.utils.data.DataLoader:
+def make_loader(photos: detector.Photos, cfg: dict, ddp: torch_ddp.Processes) -> torch.utils.data.DataLoader:
     """This process's slice of each global batch (data.distributed.EpochBatches): the order
     from (seed, epoch), each picture's augmentation from (seed, epoch, index), so neither
     the number of processes nor of loader workers changes what is seen."""
@@ -142,6 +156,8 @@ def train_one_epoch(run: Trainer, epoch: int) -> dict:
 
 
 # --- Checkpoint ----------------------------------------------------------------------
+# One torch.save'd dict: `arch` and `config` always; model.pt holds the EMA weights as
+# `model`, checkpoint.pt also what --resume needs (write_checkpoint).
 
 
 def save_checkpoint(path: Path, **state) -> None:
@@ -149,9 +165,27 @@ def save_checkpoint(path: Path, **state) -> None:
         torch.save(state, tmp)
 
 
-def rng_state() -> torch.Tensor:
-    return torch.get_rng_state()
+def write_checkpoint(path: Path, run: Trainer, **progress) -> None:
+    """Everything --resume needs to go on as if never stopped: the weights (raw and EMA), the
+    optimizer, the schedule and torch's random state, beside `progress` (the run's arch,
+    config, epoch, curves and times)."""
+    save_checkpoint(path, **progress, model=run.model.state_dict(), ema=run.ema.module.state_dict(),
+                    ema_full=run.ema.state_dict(), optimizer=run.optimizer.state_dict(),
+                    scheduler=run.scheduler.state_dict(), rng=torch.get_rng_state())
 
 
-def restore_rng(state: torch.Tensor) -> None:
-    torch.set_rng_state(state)
+def read_resume_checkpoint(path: Path) -> dict:
+    """An interrupted run's checkpoint.pt (one line if it is a final model.pt instead)."""
+    state = detector.read_checkpoint(path)
+    missing = {"optimizer", "scheduler", "ema_full", "epoch"} - set(state)
+    require(not missing, f"{path} holds final weights only (no {', '.join(sorted(missing))}); "
+            "--resume needs the checkpoint.pt of an interrupted run, or use --weights PATH")
+    return state
+
+
+def restore(run: Trainer, state: dict) -> None:
+    """Put an interrupted run's optimizer, schedule, EMA and torch's random state back."""
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.ema.load_state_dict(state["ema_full"])
+    torch.set_rng_state(state["rng"])

@@ -1,8 +1,8 @@
 """A run's clock for --time-limit-minutes, and for the times metrics.json reports.
 
 Every chapter with a time limit stops the same way: after the epoch (or the chunk of epochs)
-during which the run's working time passed the limit, keeping the best state so far and saying
-so. The clock carries over --resume: an interrupted run goes on with the time it had spent.
+during which the run's working time passed the limit, and says so. The clock carries over
+--resume: an interrupted run goes on with the time it had spent.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class RunClock:
 
     def stop_message(self, epoch: int, epochs: int) -> str:
         return (f"stopping after epoch {epoch} of {epochs}: over --time-limit-minutes {self.minutes:g} "
-                f"({self.elapsed() / 60:.1f} min); the best state so far is kept")
+                f"({self.elapsed() / 60:.1f} min)")
 
     def state(self) -> dict:
         """The times, for a checkpoint (RunClock(minutes, **state) puts them back)."""
