@@ -315,7 +315,7 @@ def test_smoke_writes_metrics_curves_grid_and_saved_model(smoke_run):
     assert 0.0 <= metrics["map"] <= metrics["map50"] <= 1.0 and metrics["epochs"] == 30
     assert metrics["_wall_seconds"] < 300  # 63-70 s alone on 1-2 cores; slack for a busy CPU
     for name in ("config.json", "split.json", "loss_curves.png", "val_map.png", "test_predictions.png",
-                 "augmented_batch.png", "best.weights.h5", "checkpoint.weights.h5",
+                 "augmented_batch.png", "best.weights.h5", "checkpoint.npz",
                  "saved_model/saved_model.pb", "saved_model/assets.extra/label_map.pbtxt",
                  "records/train.record", "records/val.record", "records/test.record"):
         assert (output_dir / name).is_file(), name
@@ -352,7 +352,8 @@ def test_saved_model_matches_the_in_memory_model(smoke_run):
         import numpy as np, tensorflow as tf
         import model, records
         run = Path({str(output_dir)!r})
-        arch = json.loads((run / "state.json").read_text())["arch"]
+        with np.load(run / "checkpoint.npz") as checkpoint:
+            arch = json.loads(str(checkpoint["state"]))["arch"]
         detector = model.build_scratch(arch)
         detector.load_weights(run / "best.weights.h5")
         saved = tf.saved_model.load(str(run / "saved_model"))
@@ -400,6 +401,17 @@ def _weights(path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _checkpoint(path) -> dict[str, np.ndarray]:
+    """Every array in a checkpoint.npz (the model's weights, the optimizer's variables)."""
+    with np.load(path) as saved:
+        return {key: saved[key] for key in saved.files if key != "state"}
+
+
+def _state(path) -> dict:
+    with np.load(path) as saved:
+        return json.loads(str(saved["state"]))
+
+
 def test_a_killed_run_resumes_to_the_uninterrupted_runs_weights(smoke_run, tmp_path):
     """SIGTERM as soon as the first validation's checkpoint is written (a killed job), then
     --resume: on the CPU the run ends with the same weights, optimizer state, losses and
@@ -415,13 +427,14 @@ def test_a_killed_run_resumes_to_the_uninterrupted_runs_weights(smoke_run, tmp_p
     assert f"after epoch {stopped}" in result.stdout
     assert f"epoch {stopped:3d} " not in result.stdout and f"epoch {first['epochs']:3d} " in result.stdout
     resumed = json.loads((run / "metrics.json").read_text())
-    for name in ("checkpoint.weights.h5", "best.weights.h5"):
-        expected, got = _weights(output_dir / name), _weights(run / name)
-        assert expected.keys() == got.keys()
+    for name, read in (("checkpoint.npz", _checkpoint), ("best.weights.h5", _weights)):
+        expected, got = read(output_dir / name), read(run / name)
+        assert expected.keys() == got.keys() and expected
         different = [key for key in expected if not np.array_equal(expected[key], got[key])]
         assert not different, f"{name}: {len(different)} of {len(expected)} arrays differ, e.g. {different[:3]}"
-    state, resumed_state = (json.loads((d / "state.json").read_text()) for d in (output_dir, run))
+    state, resumed_state = _state(output_dir / "checkpoint.npz"), _state(run / "checkpoint.npz")
     assert resumed_state["history"] == state["history"] and resumed_state["val_curve"] == state["val_curve"]
+    assert resumed_state["epoch"] == resumed["epochs"] == first["epochs"]
     assert (resumed["val_map50"], resumed["val_map"]) == (first["val_map50"], first["val_map"])
     assert not any(key.startswith(("map", "ap50_", "ap_")) for key in resumed)
     assert not (run / "test_predictions.png").exists()

@@ -130,12 +130,13 @@ def test_coco_run_finishes_with_metrics(coco_run):
 
 
 def test_coco_run_starts_from_the_cached_backbone_with_batchnorm_frozen(stand_in, coco_run):
-    """(a) Every backbone and FPN tensor of the trained checkpoint is the stand-in's: the
-    BatchNorm scales, offsets and statistics exactly (frozen), the convolutions within what
-    two AdamW steps at <= 5e-4 can move (a fresh random init differs by ~0.05)."""
+    """(a) Every backbone and FPN tensor of the trained model (best.weights.h5, its one epoch)
+    is the stand-in's: the BatchNorm scales, offsets and statistics exactly (frozen), the
+    convolutions within what two AdamW steps at <= 5e-4 can move (a fresh random init differs
+    by ~0.05)."""
     _, folder, _ = stand_in
     output_dir, _ = coco_run
-    cached, trained = _arrays(folder / "model.weights.h5"), _arrays(output_dir / "checkpoint.weights.h5")
+    cached, trained = _arrays(folder / "model.weights.h5"), _arrays(output_dir / "best.weights.h5")
     assert len(cached) == 281
     for key, value in cached.items():
         got = trained["layers/retina_net_backbone/" + key]  # the backbone inside the detector
@@ -152,7 +153,7 @@ def test_coco_run_replaces_both_heads_as_the_from_scratch_model_starts(coco_run)
     (-log(0.98 / 0.02) = -3.89; KerasHub would put its prior on the box head instead), the
     box bias 0. Two steps move a bias by at most ~1e-3."""
     output_dir, _ = coco_run
-    trained = _arrays(output_dir / "checkpoint.weights.h5")
+    trained = _arrays(output_dir / "best.weights.h5")
     heads = {}
     for key, value in trained.items():
         if key.startswith("layers/prediction_head") and key.endswith("prediction_layer/vars/1"):
