@@ -182,7 +182,8 @@ def build_model(cfg: dict, class_names: list[str]) -> CocoFineTune:
 
 
 def load_model(path: Path) -> CocoFineTune:
-    """A fine-tuned model train.py saved (model.weights.h5 with model.json beside it)."""
+    """A fine-tuned model train.py saved (model.weights.h5 with model.json beside it; its "kind"
+    key sends model.load_model here)."""
     path = Path(path)
     arch = json.loads(path.with_name("model.json").read_text())
     model = CocoFineTune(arch)
@@ -191,9 +192,3 @@ def load_model(path: Path) -> CocoFineTune:
     except (ValueError, OSError) as exc:
         raise UserError(f"{path}: cannot load these weights into the model of model.json ({exc})") from None
     return model
-
-
-def is_fine_tuned(path: Path) -> bool:
-    """Whether train.py's model.json beside `path` describes a COCO fine-tune."""
-    arch_path = Path(path).with_name("model.json")
-    return arch_path.is_file() and json.loads(arch_path.read_text()).get("kind") == KIND

@@ -1,4 +1,4 @@
-"""From photos to the network's square input and back: letterboxing, mask pasting, drawing.
+"""From photos to the network's square input and back: letterboxing, batching, mask pasting, drawing.
 
 numpy and Pillow only. The network sees an S x S image: the photo scaled so its longer side
 is S, in the top-left corner, the rest black ("letterboxing": the aspect ratio is kept, so
@@ -55,6 +55,25 @@ def letterbox_masks(masks: np.ndarray, size: int, scale: float) -> np.ndarray:
                                                                           Image.Resampling.BILINEAR)
             out[index, :new_h, :new_w] = np.asarray(resized) >= 128
     return out
+
+
+def stack_frames(frames: list[dict], max_instances: int) -> dict:
+    """Input frames (image, boxes, classes, masks) as one batch, each picture's ground truth
+    padded to `max_instances` with a valid flag, so every batch has the same shapes."""
+    batch_size, size = len(frames), frames[0]["image"].shape[0]
+    batch = {"images": np.zeros((batch_size, size, size, 3), np.float32),
+             "gt_boxes": np.zeros((batch_size, max_instances, 4), np.float32),
+             "gt_classes": np.zeros((batch_size, max_instances), np.int32),
+             "gt_masks": np.zeros((batch_size, max_instances, size, size), np.uint8),
+             "gt_valid": np.zeros((batch_size, max_instances), bool)}
+    for slot, item in enumerate(frames):
+        count = min(len(item["classes"]), max_instances)
+        batch["images"][slot] = item["image"]
+        batch["gt_boxes"][slot, :count] = item["boxes"][:count]
+        batch["gt_classes"][slot, :count] = item["classes"][:count]
+        batch["gt_masks"][slot, :count] = item["masks"][:count]
+        batch["gt_valid"][slot, :count] = True
+    return batch
 
 
 def paste_mask(mask: np.ndarray, box, height: int, width: int) -> np.ndarray:

@@ -380,6 +380,10 @@ def load_model(path: Path) -> MaskRCNN:
         raise UserError(f"--model-path {path}: need a .weights.h5 file with model.json beside it "
                         "(both written by train.py)")
     arch = json.loads(arch_path.read_text())
+    if "kind" in arch:  # train.py --weights coco saved its fine-tune of torchvision's COCO model
+        import coco_finetune
+
+        return coco_finetune.load_model(path)
     model = MaskRCNN(arch)
     try:
         model.load_weights(path)

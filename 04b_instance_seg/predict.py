@@ -63,12 +63,9 @@ def parse_args(argv):
 
 
 def trained_detector(model_path: Path):
-    import coco_finetune
     import model as maskrcnn
 
-    # train.py's compact model, or its fine-tune of the COCO model (train.py --weights coco)
-    load = coco_finetune.load_model if coco_finetune.is_fine_tuned(model_path) else maskrcnn.load_model
-    model = load(model_path)
+    model = maskrcnn.load_model(model_path)  # the compact model, or a fine-tune (train.py --weights coco)
 
     def detect(photo, threshold: float) -> dict:
         found = maskrcnn.detect_instances(model, [photo], 1)[0]

@@ -70,6 +70,8 @@ def test_shapes_smoke_writes_metrics_plots_and_model(shapes_smoke):
     split = json.loads((output_dir / "split.json").read_text())
     assert len(split["val"]) == 8 and len(split["test"]) == 8
     assert json.loads((output_dir / "model.json").read_text())["class_names"] == list(SHAPES)
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["config_files"] == ["04b_instance_seg/config.toml"]  # shapes: no pennfudan.toml
 
 
 def test_a_killed_run_resumes_to_the_same_weights_as_an_unbroken_one(shapes_smoke, tmp_path):
@@ -139,6 +141,20 @@ def test_pennfudan_smoke_splits_and_scores_one_class(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["rpn_max_level"] == 6 and config["aspect_ratios"] == [1.0, 2.0, 3.0]  # pennfudan.toml
     assert config["time_limit_minutes"] == 30.0 and config["image_size"] == 64  # mine.toml, [smoke]
+    # config.json says which files made the config, lowest first: no file is swapped in unseen.
+    assert config["config_files"] == ["04b_instance_seg/config.toml", "04b_instance_seg/pennfudan.toml",
+                                      str(tmp_path / "mine.toml")]
+
+
+def test_help_shows_what_dataset_pennfudan_changes():
+    # --dataset pennfudan lays pennfudan.toml over config.toml: --help shows both values of each
+    # key it changes, and none for a key it leaves alone.
+    shown = " ".join(run_script(TRAIN, "--help", timeout=60).stdout.split())
+    for flag, default, pennfudan in (("--image-size", 128, 320), ("--epochs", 20, 40),
+                                     ("--aspect-ratios", [0.5, 1.0, 2.0], [1.0, 2.0, 3.0])):
+        assert f"(default: {default}; --dataset pennfudan: {pennfudan})" in shown, flag
+    assert "(default: 0.001)" in shown  # --learning-rate: pennfudan.toml leaves it alone
+    assert "pennfudan.toml's values then replace these defaults" in shown  # --dataset's own help
 
 
 def test_predict_prints_one_line_per_instance(shapes_smoke, tmp_path):
