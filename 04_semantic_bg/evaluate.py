@@ -5,7 +5,7 @@ that no choice leans on them. Once the recipe is settled, this scores that run's
 on its test photos, once, without training again. It reads the run's config.json (the
 working size, close-up height, flip TTA and boundary tolerance the model was measured
 with) and split.json (which photos are val and test), and scores the photos and their
-close-ups with the same code train.py ends with (photos.py, training.evaluate): on the val
+close-ups with the same code train.py ends with (photos.py, fitting.evaluate): on the val
 photos it gives the figures train.py wrote, to the last digit on a CPU.
 
 How to run:
@@ -101,8 +101,8 @@ def main(argv=None) -> dict:
             f"--output-dir {args.output_dir} is (or holds) the run being scored; give another folder")
     records = named_records(run_dir, run_cfg, names, parts, args.data_dir)
 
-    import segmenters  # torch loads only now: --help and flag or folder errors stay instant
-    import training
+    import fitting  # torch loads only now: --help and flag or folder errors stay instant
+    import segmenters
 
     seed_everything(cfg["seed"])
     device = segmenters.start_torch(cfg["device"], cfg["num_threads"], cfg["seed"])
@@ -118,8 +118,8 @@ def main(argv=None) -> dict:
     photos, close_ups = load_photos(records, size), load_close_ups(records, size, tall)
     require(len(close_ups) > 0, f"no person in the {len(photos)} {split} photos can be framed for a close-up "
             f"(at least {tall} px tall, clear of the border)")
-    scores = training.evaluate(model, photos, run_cfg, device, keep_masks=True)
-    close_up_scores = training.evaluate(model, close_ups, run_cfg, device, keep_masks=True)
+    scores = fitting.evaluate(model, photos, run_cfg, device, keep_masks=True)
+    close_up_scores = fitting.evaluate(model, close_ups, run_cfg, device, keep_masks=True)
     seconds = time.monotonic() - start
 
     prefix = "" if split == "test" else "val_"  # train.py's names: person_iou is test, val_person_iou val

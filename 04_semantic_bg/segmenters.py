@@ -8,7 +8,7 @@ A checkpoint is a dict that says how to rebuild its model (`arch`, `num_classes`
 `model_kwargs`), which output channel is the person, and at what resolution the model
 was trained, so composite.py can load whatever train.py wrote. It also holds what both
 scripts share at run time: the device and thread choice, and inference (a photo in, a
-person probability out). Imported by train.py, training.py and composite.py; the scripts
+person probability out). Imported by train.py, fitting.py and composite.py; the scripts
 import it only after parsing their flags, so `--help` and flag errors stay fast.
 """
 

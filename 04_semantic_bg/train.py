@@ -1,111 +1,49 @@
-"""04 (train.py): train and measure a person segmenter on PennFudanPed, the model composite.py uses.
+"""04 (train.py): train a person segmenter on PennFudanPed, the model composite.py uses.
 
 What it teaches: semantic segmentation as per-pixel classification (person vs background)
-from only 120 photos, on a CPU. The levers are the ones that matter on small data: a
-small residual U-Net with image-level context, a working resolution just high enough for
-legs and arms, heavy augmentation (zoom, tilt, color, and copy-paste of people cut out of
-other photos), CE + Dice loss, and a cosine schedule. It reports what a segmenter is
-judged by: person IoU and pixel accuracy pooled over every test pixel at the photo's full
-resolution, and boundary F1 (how much of the predicted outline lies within 3 px of the
-true one, and vice versa).
-
-PennFudanPed holds small, full-body pedestrians; the photos people composite are portraits.
-So the model is also measured, and trained, on close-ups cut from the same photos
-(closeups.py): the close-up measure frames each test person head to waist and head to
-knees, as a phone portrait (close_up_iou); training mixes in zooms on one person, the head
-always in the frame, where person pixels fill a share of it drawn from 30-90% or the nearest
-a window can hold with the head in it (--closeup-fraction;
---closeup-top-drop allows headless zooms on the upper body, which cost both figures on
-validation), and views with no person at all (--negative-fraction), so that "no person" is
-learned too. The epoch kept is the one with
-the best mean of the val person IoU and the val close-up IoU.
+from 120 photos, on a CPU: a small residual U-Net from scratch, heavy augmentation
+(augment.py: zoom, tilt, color, copy-paste of people, close-ups of one person, views with no
+person), CE + Dice under a warm-up cosine schedule, and keeping the epoch with the best mean of
+the val person IoU and the val close-up IoU. That epoch is measured once on the test photos:
+person IoU, pixel accuracy, boundary F1 and close-up IoU, pooled over every pixel at full
+resolution, with bootstrap 95% intervals.
 
 How to run:
-    python 04_semantic_bg/train.py                      # from scratch (--weights none); on 2 CPU
-                                                        # cores at most --time-limit-minutes 44
-    python 04_semantic_bg/train.py --device cuda --output-dir runs/04_semantic_bg-gpu   # on a GPU
-    python 04_semantic_bg/train.py --weights coco --model lraspp_mobilenet_v3_large \
-        --learning-rate 0.0005 --epochs 30 --output-dir runs/04_semantic_bg-lraspp   # fine-tune (COCO download)
-    python 04_semantic_bg/train.py --no-evaluate-test --closeup-fraction 0 \
-        --output-dir runs/04_semantic_bg-tune           # a tuning run: the test photos are never read
-    python 04_semantic_bg/evaluate.py --run-dir runs/04_semantic_bg-tune --split test \
-        --output-dir runs/04_semantic_bg-tune-test      # ...its test photos scored once, afterwards
-    python 04_semantic_bg/train.py --smoke              # synthetic photos, about 11 s on 2 quiet cores
+    python 04_semantic_bg/train.py --smoke              # synthetic photos, about 10 s on 2 CPU cores
+    python 04_semantic_bg/train.py                      # from scratch; on 2 CPU cores at most 44 min
+    python 04_semantic_bg/train.py --no-evaluate-test --output-dir runs/04_semantic_bg-tune
+    python 04_semantic_bg/evaluate.py --run-dir runs/04_semantic_bg-tune --split test  # scored once, later
     torchrun --nproc_per_node 2 04_semantic_bg/train.py # data-parallel (DDP): the global batch, split in 2
 
-The 170 photos are split (seeded; --val-fraction, --test-fraction) 120 train / 20 val /
-30 test, and split.json names them; the best epoch is measured once on test. Training
-stops early when --time-limit-minutes runs out (metrics.json: epochs_run). An earlier run
-in --output-dir is refused unless --overwrite; a run that fails before training starts (no
-data, no GPU, no weights) leaves nothing there. Outputs in --output-dir: model.pt (load it
-with composite.py --weights PATH), metrics.json (test figures with bootstrap 95% intervals
-over the test photos, val figures, the machine and library versions), config.json,
-split.json, curves.png, predictions.png, worst.png (the test photos with the lowest IoU),
-close_ups.png (test close-ups), per_photo.json (IoU and uncertain share of each test
-photo and close-up: what composite.py's --max-uncertain is checked against).
-
-This file holds the config, the split and the augmentation, and main(); the photos as they
-are loaded, scored and drawn are in photos.py (shared with evaluate.py, which scores a saved
-model.pt on its run's val or test photos afterwards: a --no-evaluate-test run's test set, say),
-the close-up crops in closeups.py, the training loop in training.py, the scores in
-scoring.py, the models and inference in segmenters.py.
-
-Where it runs: --device auto takes a CUDA GPU when torch sees one, else the CPU, with
---num-threads 0 = all cores. Training runs under bf16 autocast on a GPU that supports it
-and on a CPU with bf16 units (AMX or AVX512-BF16, as on recent Xeons), where an epoch took
-6.4 s against 7.5-9.7 s in float32, validation included (--no-mixed-precision turns it
-off; inference is float32 everywhere). On the CPU a seed gives the same figures run after
-run (--deterministic) on one kind of CPU; a GPU run varies a little (see
-segmenters.start_torch).
-
-What to expect (measured on 2 shared CPU cores, seed 0), before the close-up measure and
-the close-up and no-person training views were added:
-    python 04_semantic_bg/train.py --data-dir /tmp/dd
-    -> test person IoU 0.779, pixel accuracy 0.952, boundary F1 0.740 (3 px);
-       val IoU 0.804 (best epoch 180 of 200); 2.1M parameters; train_seconds 2061
-       (34 min; this run shared the CPU for its first 10 min; measured before the
-       intervals were added).
-    On a GPU (one NVIDIA H200, bf16 autocast, torch 2.11), same config as then:
-    python 04_semantic_bg/train.py --weights none --device cuda --num-threads 6 --output-dir runs/04_semantic_bg-gpu
-    -> test person IoU 0.767 (95% interval 0.698-0.826, a bootstrap over the 30 test
-       photos), pixel accuracy 0.948, boundary F1 0.732; val IoU 0.800 (epoch 190);
-       188 s of training. The CPU run's 0.779 lies inside that interval.
-    With the close-up and no-person views (the default config now: bf16 training on a CPU
-    with bf16 units, 400 epochs), 2 quiet CPU cores:
-    python 04_semantic_bg/train.py --data-dir /tmp/dd --no-evaluate-test --output-dir runs/04_semantic_bg-bf16-e400
-    python 04_semantic_bg/evaluate.py --run-dir runs/04_semantic_bg-bf16-e400 --split test \
-        --data-dir /tmp/dd --output-dir runs/04_semantic_bg-bf16-e400-test
-    -> val person IoU 0.800, val close-up IoU 0.804 (best epoch 350 of 400), train_seconds
-       2546 (42 min); test close_up_iou 0.788 (95% interval 0.757-0.820, 142 close-ups of the
-       30 test photos), test person_iou 0.732 (0.637-0.814). The same views in float32 for
-       280 epochs (--no-mixed-precision --epochs 280 --eval-every 5; the time limit stopped
-       it at 273): val 0.776 / 0.796, test 0.725 / 0.782. Close-ups are learned at some cost
-       to the street photos' figure; worst.png shows that part of it is people the dataset
-       left unlabelled, whom this model paints as people. The earlier close-up views, most
-       of them zooms that cut off the head (--closeup-top-drop 0.3 --closeup-fraction 0.3
-       --epochs 200): val 0.675 / 0.738, test 0.645 / 0.727. Street views only
-       (--closeup-fraction 0 --negative-fraction 0), stopped at epoch 125: val person IoU
-       0.789, val close-up IoU 0.517.
+It writes model.pt (for composite.py --weights PATH), metrics.json, config.json, split.json,
+per_photo.json and plots to --output-dir. Beside it: fitting.py (model, loss, schedule, EMA,
+evaluate), report.py (the figures and plots), photos.py, closeups.py, segmenters.py.
+Figures, ablations and the chapter's history: 04_semantic_bg/README.md.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import closeups  # the chapter's own modules sit beside this script
-import cv2
+import augment  # the chapter's own modules sit beside this script
 import numpy as np
-from photos import Cutout, Photo, load_close_ups, load_photos, photo_rows, save_grids, set_figures
+import report
+from photos import Photo, load_close_ups, load_photos
+from scoring import Scores
+from tqdm import tqdm
 
-from data import distributed, outputs
-from data.cli import ChapterParser, require, run_main, seed_everything
-from data.outputs import plot_curves, prepare_output_dir, run_facts, write_json, write_split
+from data import cli, distributed, outputs
+from data.cli import ChapterParser, UserError, require, run_main, seed_everything
+from data.outputs import prepare_output_dir, run_facts, write_json, write_split
 from data.pennfudan import PedRecord, load_pennfudan
+from data.runclock import RunClock
 from data.synthetic import write_pennfudan
+
+if TYPE_CHECKING:  # names for the annotations only: torch loads in main(), after the flags are parsed
+    from fitting import Fit, History, Running
+    from torch import nn
 
 CHAPTER = "04_semantic_bg"
 CONFIG_PATH = Path(__file__).with_name("config.toml")
@@ -119,34 +57,20 @@ def check_config(cfg: dict) -> None:
             "--weights coco fine-tunes a torchvision model: add --model lraspp_mobilenet_v3_large "
             "(or deeplabv3_resnet50 / deeplabv3_resnet101); the U-Net trains from scratch")
     require(cfg["device"] in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {cfg['device']!r}")
-    require(cfg["crop_size"] <= cfg["image_size"], "--crop-size must not exceed --image-size")
-    require(cfg["crop_size"] % 32 == 0, "--crop-size must be a multiple of 32 (the U-Net's stride)")
-    require(0 < cfg["scale_min"] <= cfg["scale_max"], "need 0 < --scale-min <= --scale-max")
-    require(0.0 <= cfg["copy_paste"] <= 1.0, "--copy-paste is a probability in [0, 1]")
-    for key in ("epochs", "batch_size", "eval_every", "width", "crop_size"):
-        require(cfg[key] >= 1, f"--{key.replace('_', '-')} must be at least 1")
-    require(cfg["num_threads"] >= 0, f"--num-threads must be 0 (all cores) or more, got {cfg['num_threads']}")
+    for key in ("epochs", "batch_size", "eval_every", "width"):
+        cli.require_at_least(cfg, key, 1)
+    for key, why in (("num_threads", "0 = all cores"), ("weight_decay", ""), ("time_limit_minutes", "0 = no limit")):
+        cli.require_at_least(cfg, key, 0, why)
     for key in ("val_fraction", "test_fraction"):
         require(0 < cfg[key] < 1, f"--{key.replace('_', '-')} must be between 0 and 1, got {cfg[key]}")
     require(cfg["val_fraction"] + cfg["test_fraction"] < 1, "--val-fraction + --test-fraction must leave "
             "photos to train on")
-    # The global batch; even per process: BatchNorm needs 2+ photos, and odd CPU batches segfault (training.py)
+    # The global batch; even per process: BatchNorm needs 2+ photos, and odd CPU batches segfault (fitting.py)
     distributed.per_process_batch(cfg["batch_size"], distributed.world_from_env().size, multiple_of=2,
                                   why="BatchNorm needs pairs, and odd CPU batches crash channels-last backward")
-    require(cfg["learning_rate"] > 0, f"--learning-rate must be positive, got {cfg['learning_rate']}")
-    require(cfg["weight_decay"] >= 0, f"--weight-decay must be at least 0, got {cfg['weight_decay']}")
+    cli.require_positive(cfg, "learning_rate")
     require(0 <= cfg["ema_decay"] < 1, f"--ema-decay must be in [0, 1) (0 = off), got {cfg['ema_decay']}")
-    for key in ("closeup_fraction", "negative_fraction"):
-        require(0.0 <= cfg[key] <= 1.0, f"--{key.replace('_', '-')} is a share of the views in [0, 1]")
-    require(cfg["closeup_fraction"] + cfg["negative_fraction"] <= 1.0,
-            "--closeup-fraction + --negative-fraction must be at most 1 (the rest are whole-scene views)")
-    require(0 < cfg["closeup_share_min"] <= cfg["closeup_share_max"] < 1,
-            "need 0 < --closeup-share-min <= --closeup-share-max < 1")
-    require(0 <= cfg["closeup_top_drop"] <= 0.5, f"--closeup-top-drop is a share of the person's height "
-            f"in [0, 0.5], got {cfg['closeup_top_drop']}")
-    require(cfg["closeup_min_height"] >= 16, f"--closeup-min-height must be at least 16 px, got "
-            f"{cfg['closeup_min_height']}")
-    require(cfg["time_limit_minutes"] >= 0, "--time-limit-minutes must be 0 (no limit) or more")
+    augment.check_views(cfg)  # crop size, zoom, copy-paste, and the close-up and no-person shares
 
 
 # --- Data: the photos themselves (Photo, load_photos, load_close_ups) are in photos.py ---
@@ -184,121 +108,6 @@ def split_records(records: list[PedRecord], val_fraction: float, test_fraction: 
     return Split(*([records[i] for i in part] for part in (train, val, test)))
 
 
-def paste_people(image: np.ndarray, mask: np.ndarray, donors: list[Cutout], rng) -> None:
-    """Copy-paste augmentation (Ghiasi et al. 2021), in place: 1-2 people from other photos."""
-    height, width = mask.shape
-    for _ in range(int(rng.integers(1, 3))):
-        patch, patch_mask = donors[int(rng.integers(len(donors)))]
-        scale = rng.uniform(0.6, 1.2)
-        scale = min(scale, 0.95 * height / patch.shape[0], 0.95 * width / patch.shape[1])
-        size = (max(1, round(patch.shape[1] * scale)), max(1, round(patch.shape[0] * scale)))
-        patch = cv2.resize(patch, size, interpolation=cv2.INTER_LINEAR)
-        patch_mask = cv2.resize(patch_mask, size, interpolation=cv2.INTER_NEAREST)
-        if rng.random() < 0.5:
-            patch, patch_mask = patch[:, ::-1], patch_mask[:, ::-1]
-        top = int(rng.integers(0, height - size[1] + 1))
-        left = int(rng.integers(0, width - size[0] + 1))
-        # a slightly soft paste edge, so "sharp seam = person" is not a shortcut to learn
-        soft = cv2.GaussianBlur(patch_mask.astype(np.float32), (0, 0), 0.8)[:, :, None]
-        region = np.s_[top:top + size[1], left:left + size[0]]
-        image[region] = np.round(soft * patch + (1 - soft) * image[region]).astype(np.uint8)
-        mask[region] |= patch_mask
-
-
-def warp_view(image: np.ndarray, mask: np.ndarray, center: tuple[float, float], scale: float, cfg: dict,
-              rng) -> tuple[np.ndarray, np.ndarray]:
-    """The crop_size^2 view of `image` around `center` (x, y) at `scale`: tilted, maybe
-    mirrored, recolored; the mask follows every step but the colors."""
-    crop = cfg["crop_size"]
-    matrix = cv2.getRotationMatrix2D(center, rng.uniform(-cfg["rotate_degrees"], cfg["rotate_degrees"]), scale)
-    matrix[:, 2] += (crop / 2 - center[0], crop / 2 - center[1])
-    # reflecting the border, to the image and the mask alike, keeps the labels true
-    image = cv2.warpAffine(image, matrix, (crop, crop), flags=cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_REFLECT_101)
-    mask = cv2.warpAffine(mask, matrix, (crop, crop), flags=cv2.INTER_NEAREST,
-                          borderMode=cv2.BORDER_REFLECT_101)
-    if rng.random() < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    return jitter_colors(image, cfg["color_jitter"], rng), np.ascontiguousarray(mask)
-
-
-def scene_view(photo: Photo, donors: list[Cutout], cfg: dict, rng) -> tuple[np.ndarray, np.ndarray]:
-    """A view of the street scene: paste people, then zoom (scale_min..scale_max) and shift."""
-    image, mask = photo.image.copy(), photo.mask.copy()
-    if donors and rng.random() < cfg["copy_paste"]:
-        paste_people(image, mask, donors, rng)
-    height, width = mask.shape
-    scale = rng.uniform(cfg["scale_min"], cfg["scale_max"])
-    half = cfg["crop_size"] / 2 / scale  # half the crop's side, in source pixels
-    center_x = rng.uniform(min(half, width / 2), max(width - half, width / 2))
-    center_y = rng.uniform(min(half, height / 2), max(height - half, height / 2))
-    return warp_view(image, mask, (center_x, center_y), scale, cfg, rng)
-
-
-def close_up_view(photo: Photo, cfg: dict, rng) -> tuple[np.ndarray, np.ndarray]:
-    """A zoom on one person, cut from the full-size photo: person pixels fill a share of the
-    frame drawn from closeup_share_min..closeup_share_max (closeups.closeup_window)."""
-    box = photo.boxes[int(rng.integers(len(photo.boxes)))]
-    share = rng.uniform(cfg["closeup_share_min"], cfg["closeup_share_max"])
-    top, left, side = closeups.closeup_window(photo.full_mask, box, share, rng, cfg["closeup_top_drop"])
-    return warp_view(photo.full_image, photo.full_mask.astype(np.uint8), (left + side / 2, top + side / 2),
-                     cfg["crop_size"] / side, cfg, rng)
-
-
-def empty_view(photo: Photo, cfg: dict, rng) -> tuple[np.ndarray, np.ndarray] | None:
-    """A view with no person pixel, cut from the full-size photo; None if none was found.
-    The view keeps to the middle of an empty window, so that even tilted by rotate_degrees
-    it never reaches past it: a square tilted by t spans cos(t) + sin(t) times its side."""
-    shortest = min(photo.full_mask.shape)
-    window = closeups.empty_window(photo.full_mask, (0.2 * shortest, 0.7 * shortest), rng)
-    if window is None:
-        return None
-    top, left, side = window
-    tilt = math.radians(min(abs(cfg["rotate_degrees"]), 45))
-    reach = math.cos(tilt) + math.sin(tilt)
-    return warp_view(photo.full_image, photo.full_mask.astype(np.uint8), (left + side / 2, top + side / 2),
-                     reach * cfg["crop_size"] / side, cfg, rng)
-
-
-def random_view(photo: Photo, donors: list[Cutout], cfg: dict, rng) -> tuple[np.ndarray, np.ndarray]:
-    """One augmented training view (crop_size^2): with chance negative_fraction one with no
-    person, with chance closeup_fraction a close-up, else the street scene. A photo with no
-    empty window, or no person tall enough for a close-up, gives a scene view instead."""
-    draw = rng.random()
-    view = None
-    if draw < cfg["negative_fraction"]:
-        view = empty_view(photo, cfg, rng)
-    elif draw < cfg["negative_fraction"] + cfg["closeup_fraction"] and photo.boxes:
-        view = close_up_view(photo, cfg, rng)
-    return view if view is not None else scene_view(photo, donors, cfg, rng)
-
-
-def view_maker(train_set: list[Photo], cfg: dict) -> Callable[[np.ndarray], tuple]:
-    """The training loop's source of batches: (epoch, photo index) keys in, augmented (images,
-    masks) out. Each view draws from a generator of its own, seeded by (seed, epoch, index):
-    the same view whichever process makes it, so N processes see what one would."""
-    donors = [person for photo in train_set for person in photo.people]
-
-    def make_views(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        views = [random_view(train_set[i], donors, cfg, distributed.sample_rng(cfg["seed"], epoch, i))
-                 for epoch, i in keys.tolist()]
-        return np.stack([image for image, _ in views]), np.stack([mask for _, mask in views])
-
-    return make_views
-
-
-def jitter_colors(image: np.ndarray, strength: float, rng) -> np.ndarray:
-    x = image.astype(np.float32) * rng.uniform(1 - strength, 1 + strength)  # brightness
-    mean = x.mean()
-    x = (x - mean) * rng.uniform(1 - strength, 1 + strength) + mean  # contrast
-    gray = x.mean(axis=2, keepdims=True)
-    x = gray + (x - gray) * rng.uniform(1 - strength, 1 + strength)  # saturation
-    return np.clip(x, 0, 255).astype(np.uint8)
-
-
-# --- Save ---------------------------------------------------------------------------
-
-
 @dataclass
 class Sets:
     """Every set of photos of a run; the test ones are None with --no-evaluate-test."""
@@ -329,46 +138,117 @@ def load_sets(split: Split, cfg: dict) -> Sets:
     return sets
 
 
-def chapter_metrics(scores: dict, sets: Sets, best, epochs_run: int, train_seconds: float) -> dict:
-    """The figures of the run: test (with 95% intervals) unless --no-evaluate-test, then val."""
-    metrics = {}
-    if "test" in scores:
-        metrics = set_figures(scores["test"], scores["test_close_ups"], sets.test_close_ups)
-    val = scores["val"]
-    return {**metrics, "val_person_iou": val.iou, "val_close_up_iou": scores["val_close_ups"].iou,
-            "val_pixel_accuracy": val.pixel_accuracy, "val_boundary_f1": val.boundary_f1,
-            "best_epoch": best.epoch, "epochs_run": epochs_run, "train_seconds": train_seconds,
-            "num_train": len(sets.train), "num_val": len(sets.val), "num_test": len(sets.test or []),
-            "num_val_close_ups": len(sets.val_close_ups), "num_test_close_ups": len(sets.test_close_ups or [])}
+# --- Train: the views come from augment.py, the model, loss and optimizer from fitting.py ---
 
 
-def per_photo(scores: dict, sets: Sets) -> dict[str, list[dict]]:
-    """IoU and uncertain share of every photo and close-up scored after training."""
-    return {part: photo_rows(photos, scores[part]) for part, photos in sets.measured().items()}
+def selection_score(val: Scores, close_ups: Scores) -> float:
+    """What picks the epoch kept: the mean of the val person IoU (whole street photos) and
+    the val close-up IoU (portrait crops of the same photos). Either alone would let the
+    chosen epoch give up one scale for the other; the mean weighs both uses equally."""
+    return (val.iou + close_ups.iou) / 2
 
 
-def save_plots(history, scores: dict, sets: Sets, output_dir: Path, cfg: dict) -> None:
-    """curves.png, and predictions.png, worst.png and close_ups.png of the test photos (val
-    with --no-evaluate-test); the close-ups shown are spread over the whole set."""
-    plot_curves(asdict(history), output_dir / "curves.png",
-                xlabel=f"validation pass (every {cfg['eval_every']} epochs)")
-    part = "test" if sets.test is not None else "val"
-    save_grids(getattr(sets, part), scores[part], getattr(sets, f"{part}_close_ups"), scores[f"{part}_close_ups"],
-               output_dir, part, cfg["grid_images"])
+@dataclass
+class Best:
+    """The epoch with the highest `selection_score` so far, and a copy of its weights."""
+
+    score: float = -1.0
+    epoch: int = 0
+    state: dict | None = None
+
+    def offer(self, score: float, epoch: int, model: nn.Module) -> None:
+        if score > self.score:
+            self.score, self.epoch = score, epoch
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def print_summary(scores: dict, sets: Sets, best, epochs_run: int, train_seconds: float, output_dir: Path) -> None:
-    part = "test" if sets.test is not None else "val"
-    print(f"{part} person IoU {scores[part].iou:.4f}  close-up IoU {scores[f'{part}_close_ups'].iou:.4f}  "
-          f"pixel accuracy {scores[part].pixel_accuracy:.4f}  boundary F1 {scores[part].boundary_f1:.4f}  "
-          f"(best epoch {best.epoch} of {epochs_run}, {train_seconds:.0f} s) -> {output_dir}")
+def train_step(fit: Fit, images: np.ndarray, masks: np.ndarray, epoch: int):
+    """One optimizer step on one batch; returns (loss, logits, target) for the running scores."""
+    import fitting  # torch: main() has imported it by now, after the flags were parsed
+    import segmenters
+    import torch
+
+    x, target = segmenters.to_tensor(images, fit.device), segmenters.to_device(masks, fit.device).long()
+    # bf16 keeps float32's range, so no loss scaling is needed; BatchNorm and the loss run in float32
+    with torch.autocast(device_type=fit.device.type, dtype=torch.bfloat16, enabled=fit.mixed_precision):
+        logits = fit.stepped(x)
+    loss = fitting.segmentation_loss(logits.float(), target, fit.dice_weight)
+    # the mean over the processes: a non-finite loss in any one stops them all at this step
+    shown = fit.ddp.mean(loss.detach())
+    if not torch.isfinite(shown):
+        raise UserError(f"the loss became {shown.item()} at epoch {epoch}; try a lower --learning-rate")
+    fit.optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP the gradients arrive averaged over the processes
+    fit.optimizer.step()
+    fit.schedule.step()
+    if fit.ema is not None:
+        fit.ema.update_parameters(fit.model)
+    return shown, logits, target
+
+
+def run_epoch(fit: Fit, num_photos: int, make_views: augment.MakeViews, batch_size: int, rng,
+              running: Running, epoch: int) -> None:
+    """One pass over the training photos in a fresh random order: every process draws the
+    same order from the same `rng`, and steps on its own slice of each global batch."""
+    import fitting  # torch: imported by main() already
+
+    fit.model.train()
+    for batch in fitting.epoch_batches(rng.permutation(num_photos), batch_size, fit.ddp):
+        keys = np.stack([np.full_like(batch, epoch), batch], axis=1)
+        loss, logits, target = train_step(fit, *make_views(keys), epoch)
+        running.add(loss.item(), logits.argmax(1).bool(), target.bool())
+
+
+def validate(fit: Fit, val_sets: tuple[list, list], cfg: dict) -> tuple[Scores, Scores]:
+    """One validation pass: the scores of the val photos and of their close-ups."""
+    import fitting  # torch: imported by main() already
+
+    val_photos, val_close_ups = val_sets
+    return (fitting.evaluate(fit.scored, val_photos, cfg, fit.device),
+            fitting.evaluate(fit.scored, val_close_ups, cfg, fit.device))
+
+
+def train(fit: Fit, num_photos: int, make_views: augment.MakeViews, val_sets: tuple[list, list], cfg: dict,
+          rng, clock: RunClock) -> tuple[History, Best, int]:
+    """`cfg["epochs"]` epochs, or fewer when the time limit runs out (`clock`: the epoch during
+    which it passed is the last); validates every `eval_every` epochs and after the last, keeps
+    the best state (the EMA's, when there is one) and loads it into the model at the end.
+    `val_sets`: (val photos, val close-ups). Returns (History, Best, the number of epochs run)."""
+    import fitting  # torch: imported by main() already
+
+    history, best, running = fitting.History(), Best(), fitting.Running()
+    progress = tqdm(range(1, cfg["epochs"] + 1), desc="train", leave=False)
+    for epoch in progress:
+        run_epoch(fit, num_photos, make_views, cfg["batch_size"], rng, running, epoch)
+        out_of_time = fit.ddp.any(clock.out_of_time())  # all torchrun processes stop together
+        if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"] or out_of_time:
+            running.intersection, running.union = fit.ddp.sum([running.intersection, running.union])
+            if fit.ddp.is_main:  # rank 0 alone validates (the others wait at their next step)
+                val, close_ups = validate(fit, val_sets, cfg)
+                history.add(running, val, close_ups)
+                best.offer(selection_score(val, close_ups), epoch, fit.scored)
+                progress.set_postfix(loss=f"{history.loss[-1]:.3f}", val_iou=f"{val.iou:.3f}",
+                                     close_up_iou=f"{close_ups.iou:.3f}")
+                print(f"epoch {epoch:4d}  loss {history.loss[-1]:.4f}  train IoU {history.iou[-1]:.3f}"
+                      f"  val IoU {val.iou:.3f}  val BF1 {val.boundary_f1:.3f}"
+                      f"  val close-up IoU {close_ups.iou:.3f}", flush=True)
+            running = fitting.Running()
+        if out_of_time:
+            print(clock.stop_message(epoch, cfg["epochs"]), flush=True)
+            break
+    if fit.ddp.is_main:
+        fit.model.load_state_dict(best.state)
+    return history, best, epoch
+
+
+# --- The run, top to bottom: data, model, train, evaluate, save -----------------------
 
 
 def main(argv=None) -> dict:
     cfg, args = ChapterParser(__doc__, CONFIG_PATH, CHAPTER).parse_config(argv)
     check_config(cfg)
-    import segmenters  # torch loads only now: --help and flag errors stay instant
-    import training
+    import fitting  # torch loads only now: --help and flag errors stay instant
+    import segmenters
 
     from parallel import torch_ddp
 
@@ -384,35 +264,34 @@ def main(argv=None) -> dict:
     if ddp.is_main:
         write_split(output_dir, split.names())
     sets = load_sets(split, cfg)
-    model, model_kwargs = training.make_model(cfg, device)
-    fit = training.make_fit(model, cfg, len(sets.train), device, ddp)
+    model, model_kwargs = fitting.make_model(cfg, device)
+    fit = fitting.make_fit(model, cfg, len(sets.train), device, ddp)
     print(f"{cfg['model']} ({cfg['weights']}) on {device.type}{' (bf16 autocast)' if fit.mixed_precision else ''}: "
           f"{segmenters.count_parameters(model) / 1e6:.2f}M parameters; {len(split.train)} train / "
           f"{len(split.val)} val / {len(split.test)} test photos; {len(sets.val_close_ups)} val close-ups",
           flush=True)
     outputs.training_started(output_dir)  # data, device and weights in hand: a failure now keeps the run
-    start = time.monotonic()
-    rng = np.random.default_rng(cfg["seed"])
-    history, best, epochs_run = training.train(fit, len(sets.train), view_maker(sets.train, cfg),
-                                               (sets.val, sets.val_close_ups), cfg, rng)
-    train_seconds = time.monotonic() - start
+    clock, rng = RunClock(cfg["time_limit_minutes"]), np.random.default_rng(cfg["seed"])
+    history, best, epochs_run = train(fit, len(sets.train), augment.view_maker(sets.train, cfg),
+                                      (sets.val, sets.val_close_ups), cfg, rng, clock)
+    train_seconds = clock.lap()  # training and validation, from the first epoch to the last
     if not ddp.is_main:
         return {}  # rank 0 alone measures the model and saves the results
-    scores = {part: training.evaluate(model, photos, cfg, device, keep_masks=True)
+    scores = {part: fitting.evaluate(model, photos, cfg, device, keep_masks=True)
               for part, photos in sets.measured().items()}
 
     segmenters.save_checkpoint(output_dir / "model.pt", model, cfg["model"], num_classes=2, person_class=1,
                                image_size=cfg["image_size"], model_kwargs=model_kwargs, config=cfg,
                                best_epoch=best.epoch)
-    metrics = {**chapter_metrics(scores, sets, best, epochs_run, train_seconds),
+    metrics = {**report.run_metrics(scores, sets, best, epochs_run, train_seconds),
                "parameters": segmenters.count_parameters(model), "mixed_precision": fit.mixed_precision,
                "world_size": ddp.size,
                **run_facts(("torch", "torchvision"), device=device.type,
                            device_name=segmenters.device_name(device))}
     write_json(output_dir / "metrics.json", metrics)
-    write_json(output_dir / "per_photo.json", per_photo(scores, sets))
-    save_plots(history, scores, sets, output_dir, cfg)
-    print_summary(scores, sets, best, epochs_run, train_seconds, output_dir)
+    write_json(output_dir / "per_photo.json", report.per_photo(scores, sets))
+    report.save_plots(history, scores, sets, output_dir, cfg)
+    report.print_summary(scores, sets, best, epochs_run, train_seconds, output_dir)
     return metrics
 
 

@@ -1,23 +1,19 @@
-"""How train.py fits and measures the segmenter: loss, schedule, epochs, validation, best state.
+"""The torch pieces train.py's training loop is built from.
 
-One job per function: `make_schedule` (AdamW, linear warm-up, cosine decay), `make_ema`
-(an average of the weights, updated each step; off by default), `train_step` (one batch),
-`run_epoch` (one pass over the shuffled training photos), `evaluate` (pooled scores of a
-set of photos), `validate` (the whole val photos and their close-ups), and
-`train`, which strings them together and keeps the state of the epoch with the best
-`selection_score`. train.py imports this module after parsing its flags, so `--help`
-never waits for torch.
-
-Under torchrun (parallel.torch_ddp) each process steps on its slice of every global batch
-(data.distributed) with the model in DDP, the losses and the running IoU are summed over
-the processes, and rank 0 alone validates and keeps the best state.
+`make_model` (the segmenter to train, on its device), `segmentation_loss` (cross-entropy +
+Dice), `make_schedule` (AdamW, linear warm-up, cosine decay), `make_ema` (an average of the
+weights, updated each step; off by default), `uses_bf16` (bf16 autocast where it pays), the
+records `Running` (the training loss and IoU) and `History` (what curves.png draws), the
+`Fit` record that holds what every step needs, `epoch_batches` (this process's slice of each
+global batch under torchrun) and `evaluate` (pooled scores of a set of photos, shared with
+evaluate.py). The train step, the epoch, validation and the rule that keeps the best epoch
+are in train.py, which imports this module after parsing its flags, so `--help` never waits
+for torch.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,25 +21,12 @@ import torch
 import torch.nn.functional as F
 from matting import uncertain_share  # the chapter's own modules sit beside this one
 from scoring import Scores, score_photo
-from segmenters import (
-    build_model,
-    cpu_has_bf16,
-    prepare_model,
-    probability_at_size,
-    to_device,
-    to_tensor,
-)
+from segmenters import build_model, cpu_has_bf16, prepare_model, probability_at_size
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
-from tqdm import tqdm
 
 from data import distributed
-from data.cli import UserError
 from parallel import torch_ddp
-
-# (N, 2) keys (epoch, index of a training photo) -> (images (N, h, w, 3) uint8, masks (N, h, w) uint8):
-# augmented views, each drawn from its key alone (so any process draws the same view)
-MakeViews = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 # --- Model --------------------------------------------------------------------------------
 
@@ -63,7 +46,7 @@ def uses_bf16(cfg: dict, device: torch.device) -> bool:
     return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
 
 
-# --- Loss and schedule ------------------------------------------------------------------
+# --- Loss, schedule and the weight EMA ------------------------------------------------------
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float) -> torch.Tensor:
@@ -115,7 +98,7 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel:
     return AveragedModel(model, use_buffers=True, multi_avg_fn=update)
 
 
-# --- Records ------------------------------------------------------------------------------
+# --- Records: the running scores and the curves -------------------------------------------
 
 
 @dataclass
@@ -152,25 +135,7 @@ class History:
         self.val_close_up_iou.append(close_ups.iou)
 
 
-def selection_score(val: Scores, close_ups: Scores) -> float:
-    """What picks the epoch kept: the mean of the val person IoU (whole street photos) and
-    the val close-up IoU (portrait crops of the same photos). Either alone would let the
-    chosen epoch give up one scale for the other; the mean weighs both uses equally."""
-    return (val.iou + close_ups.iou) / 2
-
-
-@dataclass
-class Best:
-    """The epoch with the highest `selection_score` so far, and a copy of its weights."""
-
-    score: float = -1.0
-    epoch: int = 0
-    state: dict | None = None
-
-    def offer(self, score: float, epoch: int, model: nn.Module) -> None:
-        if score > self.score:
-            self.score, self.epoch = score, epoch
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+# --- The fit: what every training step needs ----------------------------------------------
 
 
 @dataclass
@@ -204,29 +169,6 @@ def make_fit(model: nn.Module, cfg: dict, num_photos: int, device: torch.device,
                cfg["dice_weight"], ema)
 
 
-# --- Train --------------------------------------------------------------------------------
-
-
-def train_step(fit: Fit, images: np.ndarray, masks: np.ndarray, epoch: int):
-    """One optimizer step on one batch; returns (loss, logits, target) for the running scores."""
-    x, target = to_tensor(images, fit.device), to_device(masks, fit.device).long()
-    # bf16 keeps float32's range, so no loss scaling is needed; BatchNorm and the loss run in float32
-    with torch.autocast(device_type=fit.device.type, dtype=torch.bfloat16, enabled=fit.mixed_precision):
-        logits = fit.stepped(x)
-    loss = segmentation_loss(logits.float(), target, fit.dice_weight)
-    # the mean over the processes: a non-finite loss in any one stops them all at this step
-    shown = fit.ddp.mean(loss.detach())
-    if not torch.isfinite(shown):
-        raise UserError(f"the loss became {shown.item()} at epoch {epoch}; try a lower --learning-rate")
-    fit.optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # under DDP the gradients arrive averaged over the processes
-    fit.optimizer.step()
-    fit.schedule.step()
-    if fit.ema is not None:
-        fit.ema.update_parameters(fit.model)
-    return shown, logits, target
-
-
 def epoch_batches(order: np.ndarray, batch_size: int, ddp: torch_ddp.Processes) -> list[np.ndarray]:
     """This process's photos of each global batch cut from `order`: each batch split over the
     processes (data.distributed). torch 2.14.1's channels-last conv backward on CPU segfaults
@@ -235,58 +177,7 @@ def epoch_batches(order: np.ndarray, batch_size: int, ddp: torch_ddp.Processes) 
     return distributed.split_batches(order, batch_size, ddp.world, short_multiple=2 * ddp.size)
 
 
-def run_epoch(fit: Fit, num_photos: int, make_views: MakeViews, batch_size: int, rng,
-              running: Running, epoch: int) -> None:
-    """One pass over the training photos in a fresh random order: every process draws the
-    same order from the same `rng`, and steps on its own slice of each global batch."""
-    fit.model.train()
-    for batch in epoch_batches(rng.permutation(num_photos), batch_size, fit.ddp):
-        keys = np.stack([np.full_like(batch, epoch), batch], axis=1)
-        loss, logits, target = train_step(fit, *make_views(keys), epoch)
-        running.add(loss.item(), logits.argmax(1).bool(), target.bool())
-
-
-def validate(fit: Fit, val_sets: tuple[list, list], cfg: dict) -> tuple[Scores, Scores]:
-    """One validation pass: the scores of the val photos and of their close-ups."""
-    val_photos, val_close_ups = val_sets
-    return (evaluate(fit.scored, val_photos, cfg, fit.device),
-            evaluate(fit.scored, val_close_ups, cfg, fit.device))
-
-
-def train(fit: Fit, num_photos: int, make_views: MakeViews, val_sets: tuple[list, list], cfg: dict,
-          rng) -> tuple[History, Best, int]:
-    """`cfg["epochs"]` epochs, or fewer when `time_limit_minutes` runs out (the epoch that passes
-    it is the last); validates every `eval_every` epochs and after the last, keeps the best
-    state (the EMA's, when there is one) and loads it into the model at the end. `val_sets`:
-    (val photos, val close-ups). Returns (History, Best, the number of epochs run)."""
-    history, best, running = History(), Best(), Running()
-    start, limit = time.monotonic(), 60 * cfg["time_limit_minutes"]
-    progress = tqdm(range(1, cfg["epochs"] + 1), desc="train", leave=False)
-    for epoch in progress:
-        run_epoch(fit, num_photos, make_views, cfg["batch_size"], rng, running, epoch)
-        out_of_time = fit.ddp.any(0 < limit < time.monotonic() - start)  # all stop together
-        if epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"] or out_of_time:
-            running.intersection, running.union = fit.ddp.sum([running.intersection, running.union])
-            if fit.ddp.is_main:  # rank 0 alone validates (the others wait at their next step)
-                val, close_ups = validate(fit, val_sets, cfg)
-                history.add(running, val, close_ups)
-                best.offer(selection_score(val, close_ups), epoch, fit.scored)
-                progress.set_postfix(loss=f"{history.loss[-1]:.3f}", val_iou=f"{val.iou:.3f}",
-                                     close_up_iou=f"{close_ups.iou:.3f}")
-                print(f"epoch {epoch:4d}  loss {history.loss[-1]:.4f}  train IoU {history.iou[-1]:.3f}"
-                      f"  val IoU {val.iou:.3f}  val BF1 {val.boundary_f1:.3f}"
-                      f"  val close-up IoU {close_ups.iou:.3f}", flush=True)
-            running = Running()
-        if out_of_time:
-            print(f"stopped after epoch {epoch} of {cfg['epochs']}: --time-limit-minutes "
-                  f"{cfg['time_limit_minutes']} reached", flush=True)
-            break
-    if fit.ddp.is_main:
-        fit.model.load_state_dict(best.state)
-    return history, best, epoch
-
-
-# --- Evaluate -----------------------------------------------------------------------------
+# --- Evaluate: what validation, the test figures and evaluate.py score --------------------
 
 
 def evaluate(model: nn.Module, photos: list, cfg: dict, device: torch.device,
