@@ -40,9 +40,11 @@ test: $(STAMP)
 	@status=0; $(VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$status
 
-# The quick loop: everything but the real-data runs and the pretrained stand-in runs.
+# The quick loop: every chapter's smoke run and learning test, its failed starts and its units;
+# not the real-data runs, the pretrained stand-in runs, or the slow ones (a killed run and its
+# resume, several processes): `make test` runs those too.
 smoke: $(STAMP)
-	$(VENV)/bin/python -m pytest $(XDIST) -m "not real_data and not pretrained" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest $(XDIST) -m "not real_data and not pretrained and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

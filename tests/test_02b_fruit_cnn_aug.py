@@ -192,6 +192,7 @@ print("JSON" + json.dumps({"trained": gap(trained, from_file), "fresh": gap(fres
 """
 
 
+@pytest.mark.pretrained
 def test_weights_imagenet_offline_then_a_weights_file_that_the_run_starts_from(tmp_path):
     out, keras_home = tmp_path / "run", tmp_path / "keras"
     # Offline with an empty Keras cache: one line that names the file, the cache folder to

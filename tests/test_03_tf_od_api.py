@@ -412,6 +412,7 @@ def _state(path) -> dict:
         return json.loads(str(saved["state"]))
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_uninterrupted_runs_weights(smoke_run, tmp_path):
     """SIGTERM as soon as the first validation's checkpoint is written (a killed job), then
     --resume: on the CPU the run ends with the same weights, optimizer state, losses and

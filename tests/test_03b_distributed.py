@@ -168,6 +168,7 @@ if ddp.is_main:
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_steps_of_one_with_the_same_global_batch(tmp_path):
     # Tolerance: the weights of the 2 processes lie within 2% of the distance the weights
     # travelled in the 3 steps, and the mean losses agree to 1e-5 (relative). Not bit-equal:
@@ -242,6 +243,7 @@ def test_each_process_gets_its_slice_of_the_same_augmented_batches(tmp_path):
 # --- A failing rank, --resume, rank 1's files, world_size ----------------------------------
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_run_and_resume_finishes_it_under_torchrun(tmp_path):
     # SIGTERM to rank 1 alone once rank 0 has written epoch 1's checkpoint: rank 1 says so in
     # the chapter's one line, torchrun stops rank 0 and exits non-zero within a minute. Then

@@ -124,6 +124,7 @@ def test_smoke_run_finds_the_synthetic_fruit(smoke_run):
 # --- Resume, interruption, one run per folder ------------------------------------------
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_uninterrupted_figures(smoke_run, tmp_path):
     # A job killed (SIGTERM) after epoch 8's checkpoint, then --resume: on the CPU the same seed
     # must end exactly where the uninterrupted smoke run did (weights, optimizer, schedule, EMA,

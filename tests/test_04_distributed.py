@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from data.synthetic import write_pennfudan
 from tests.helpers import assert_one_line_error, run_chapter, run_script, script_env
 from tests.test_03b_distributed import rank_1_writes, sigterm_rank_1, spy_script, torchrun
@@ -24,8 +26,8 @@ TRAIN = "04_semantic_bg/train.py"
 TINY = ("--smoke", "--device", "cpu", "--image-size", "64", "--crop-size", "64", "--batch-size", "4",
         "--no-evaluate-test")
 
-# Run by torchrun: 3 steps of the chapter's own training.make_fit + training.run_epoch (the
-# views of train.view_maker, the DDP wrap, AdamW) on 12 smoke photos, global batch 4; then
+# Run by torchrun: 3 steps of the chapter's own fitting.make_fit + train.run_epoch (the
+# views of augment.view_maker, the DDP wrap, AdamW) on 12 smoke photos, global batch 4; then
 # rank 0 repeats them in a world of one and compares. Two parts differ by design and are held
 # fixed in both: BatchNorm normalises by each process's own batch (held in eval mode;
 # SyncBatchNorm does not run on CPU tensors), and Dice sums over each process's own batch
@@ -35,7 +37,7 @@ import json, sys
 sys.path[:0] = [".", "04_semantic_bg"]
 import numpy as np
 import torch
-import photos, train, training
+import augment, fitting, photos, train
 from data.distributed import World
 from data.pennfudan import load_pennfudan
 from parallel import torch_ddp
@@ -52,16 +54,16 @@ train_set = photos.load_photos(records, cfg["image_size"], cfg["closeup_min_heig
 
 def three_steps(processes):
     torch.manual_seed(0)
-    model, _ = training.make_model(cfg, cpu)
+    model, _ = fitting.make_model(cfg, cpu)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     for norm in model.modules():
         if isinstance(norm, torch.nn.BatchNorm2d):
             norm.training = False
             norm.train = lambda mode=True, norm=norm: norm
-    fit = training.make_fit(model, cfg, len(train_set), cpu, processes)
-    running = training.Running()
-    training.run_epoch(fit, len(train_set), train.view_maker(train_set, cfg), batch,
-                       np.random.default_rng(0), running, 1)
+    fit = fitting.make_fit(model, cfg, len(train_set), cpu, processes)
+    running = fitting.Running()
+    train.run_epoch(fit, len(train_set), augment.view_maker(train_set, cfg), batch,
+                    np.random.default_rng(0), running, 1)
     assert running.batches == 3
     return start, {k: v.detach() for k, v in model.state_dict().items() if v.is_floating_point()}, running.loss
 
@@ -74,6 +76,7 @@ if ddp.is_main:
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_steps_of_one_with_the_same_global_batch(tmp_path):
     # Tolerance: every weight within 1e-5 of the one-process run's after 3 steps, and the
     # summed losses within 1e-6 (relative). Measured (2 CPU cores): at most 1.2e-7 apart (the
@@ -90,6 +93,7 @@ def test_two_processes_take_the_steps_of_one_with_the_same_global_batch(tmp_path
     assert abs(two_loss - one_loss) <= 1e-6 * one_loss, found
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_run_and_one_that_ends_well_writes_only_on_rank_0(tmp_path):
     # SIGTERM to rank 1 alone after epoch 1: its one line, and torchrun exits non-zero within
     # a minute. A run that ends well: rank 0 wrote the results, rank 1 no file at all.

@@ -6,7 +6,7 @@ composite.py's out-of-range line, and error paths. The short real-data run is in
 test_04_semantic_bg_real.py, the pretrained (COCO) paths in test_04_semantic_bg_pretrained.py.
 
 The compositing, scoring and close-up code (04_semantic_bg/matting.py, scoring.py,
-closeups.py, and train.py's data and views) is numpy/OpenCV only and is imported by path;
+closeups.py, augment.py's views, and train.py's data) is numpy/OpenCV only and is imported by path;
 torch is only ever used inside the chapter's own subprocesses.
 """
 
@@ -58,7 +58,10 @@ closeups = _load("closeups")
 sys.modules.setdefault("closeups", closeups)
 photos = _load("photos")
 sys.modules.setdefault("photos", photos)
-train = _load("train")  # its data and views only: train.py imports torch inside main()
+augment, report = _load("augment"), _load("report")
+sys.modules.setdefault("augment", augment)
+sys.modules.setdefault("report", report)
+train = _load("train")  # its data only: train.py imports torch inside main() and its training loop
 NO_CUDA = script_env(CUDA_VISIBLE_DEVICES="")  # "no GPU here", even on a machine with one
 
 RED, BLUE, GREEN = (200, 0, 0), (0, 0, 255), (0, 180, 0)
@@ -333,12 +336,12 @@ def test_empty_windows_and_no_person_views_hold_no_person_pixel():
     image, instances = person_photo()
     everyone = instances.any(axis=0)
     rng = np.random.default_rng(0)
-    photo = train.Photo("photo", image, everyone.astype(np.uint8), everyone, full_image=image)
+    photo = photos.Photo("photo", image, everyone.astype(np.uint8), everyone, full_image=image)
     cfg = {"crop_size": 64, "rotate_degrees": 10.0, "color_jitter": 0.3}
     for _ in range(30):
         top, left, side = closeups.empty_window(everyone, (40, 150), rng)
         assert not everyone[top:top + side, left:left + side].any()
-        view_image, view_mask = train.empty_view(photo, cfg, rng)  # tilted, mirrored, recolored
+        view_image, view_mask = augment.empty_view(photo, cfg, rng)  # tilted, mirrored, recolored
         assert view_image.shape == (64, 64, 3) and not view_mask.any()
         assert not np.any(np.all(np.abs(view_image.astype(int) - RED) < 40, axis=2))  # no red pixel
     full = np.ones_like(everyone)
@@ -356,7 +359,7 @@ def test_training_views_mix_scenes_close_ups_and_no_person_views(monkeypatch):
     views = []  # (kind, share of person pixels in the view)
 
     def spy_on(kind):
-        original = getattr(train, kind)
+        original = getattr(augment, kind)
 
         def spy(*args):
             view = original(*args)
@@ -365,10 +368,10 @@ def test_training_views_mix_scenes_close_ups_and_no_person_views(monkeypatch):
         return spy
 
     for kind in ("empty_view", "close_up_view", "scene_view"):
-        monkeypatch.setattr(train, kind, spy_on(kind))
+        monkeypatch.setattr(augment, kind, spy_on(kind))
     rng = np.random.default_rng(0)
     for _ in range(400):
-        train.random_view(photo, [], cfg, rng)
+        augment.random_view(photo, [], cfg, rng)
     shares = {kind: np.array([share for name, share in views if name == kind]) for kind, _ in views}
     assert len(shares["empty_view"]) / 400 == pytest.approx(0.2, abs=0.07)
     assert len(shares["close_up_view"]) / 400 == pytest.approx(0.4, abs=0.08)
@@ -378,7 +381,7 @@ def test_training_views_mix_scenes_close_ups_and_no_person_views(monkeypatch):
     photo.boxes = []  # no one tall enough: a scene view instead of a close-up
     views.clear()
     for _ in range(50):
-        train.random_view(photo, [], cfg, rng)
+        augment.random_view(photo, [], cfg, rng)
     assert "close_up_view" not in {kind for kind, _ in views}
 
 
@@ -386,24 +389,25 @@ TRAINING_PROBE = """
 import json, sys
 sys.path[:0] = ["04_semantic_bg", "."]
 import torch
-import training
+import fitting, train
+from data.runclock import RunClock
 cfg = {"epochs": 10, "warmup_epochs": 1, "learning_rate": 0.5, "weight_decay": 0.0}
 model = torch.nn.Linear(1, 1)
-optimizer, schedule = training.make_schedule(model, cfg, steps_per_epoch=10)
+optimizer, schedule = fitting.make_schedule(model, cfg, steps_per_epoch=10)
 rates = []
 for _ in range(101):
     rates.append(optimizer.param_groups[0]["lr"])
     optimizer.step()
     schedule.step()
 # uses_bf16 on the CPU, for a CPU with and without bf16 units, with mixed_precision on and off
-real_cpu_has_bf16 = training.cpu_has_bf16()
+real_cpu_has_bf16 = fitting.cpu_has_bf16()
 bf16 = {}
 for has in (True, False):
-    training.cpu_has_bf16 = lambda has=has: has
-    bf16[str(has)] = [training.uses_bf16({"mixed_precision": on}, torch.device("cpu")) for on in (True, False)]
+    fitting.cpu_has_bf16 = lambda has=has: has
+    bf16[str(has)] = [fitting.uses_bf16({"mixed_precision": on}, torch.device("cpu")) for on in (True, False)]
 # the EMA: a weight that steps 0 -> 1 -> 1 -> 1, and BatchNorm's integer batch counter
 net = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
-ema = training.make_ema(net, decay=0.25)
+ema = fitting.make_ema(net, decay=0.25)
 averages = []
 for value in (0.0, 1.0, 1.0, 1.0):
     net[0].weight.data.fill_(value)
@@ -415,13 +419,13 @@ for value in (0.0, 1.0, 1.0, 1.0):
 import numpy as np
 from scoring import PhotoScore, Scores
 scored_models = []
-training.evaluate = lambda model, photos, cfg, device: (scored_models.append(model),
-                                                        Scores([PhotoScore(1, 2, 1, 2, 1.0)]))[1]
+fitting.evaluate = lambda model, photos, cfg, device: (scored_models.append(model),
+                                                       Scores([PhotoScore(1, 2, 1, 2, 1.0)]))[1]
 fit_cfg = {"model": "unet", "width": 4, "weights": "none", "epochs": 1, "warmup_epochs": 0,
            "learning_rate": 0.01, "weight_decay": 0.0, "mixed_precision": False, "dice_weight": 1.0,
            "ema_decay": 0.9, "batch_size": 2, "eval_every": 1, "time_limit_minutes": 0}
 cpu = torch.device("cpu")
-fit = training.make_fit(training.make_model(fit_cfg, cpu)[0], fit_cfg, 4, cpu)
+fit = fitting.make_fit(fitting.make_model(fit_cfg, cpu)[0], fit_cfg, 4, cpu)
 view_rng = np.random.default_rng(0)
 make_views = lambda batch: (view_rng.integers(0, 256, (len(batch), 64, 64, 3), dtype=np.uint8),
                             view_rng.integers(0, 2, (len(batch), 64, 64), dtype=np.uint8))
@@ -431,15 +435,15 @@ def load_and_remember(state):
     raw_before_loading.update({k: v.clone() for k, v in fit.model.state_dict().items()})
     return load_kept(state)
 fit.model.load_state_dict = load_and_remember
-training.train(fit, 4, make_views, ([], []), fit_cfg, np.random.default_rng(0))
+train.train(fit, 4, make_views, ([], []), fit_cfg, np.random.default_rng(0), RunClock(0))
 ema_state, kept = fit.ema.module.state_dict(), fit.model.state_dict()
 float_keys = [k for k, v in kept.items() if v.is_floating_point()]
 kept_ema = {"updates": int(fit.ema.n_averaged), "validated_the_ema": [m is fit.ema.module for m in scored_models],
             "kept_is_ema": all(torch.equal(kept[k], ema_state[k]) for k in kept),
             "raw_differs": any(not torch.equal(raw_before_loading[k], ema_state[k]) for k in float_keys)}
-print(json.dumps({"factors": [training.warmup_cosine(s, 10, 100) for s in (0, 9, 50, 100)],
+print(json.dumps({"factors": [fitting.warmup_cosine(s, 10, 100) for s in (0, 9, 50, 100)],
                   "rates": rates, "bf16": bf16, "cpu_has_bf16": real_cpu_has_bf16,
-                  "ema_decays": [training.ema_decay_at(s, 0.998) for s in (0, 90, 490, 10_000)],
+                  "ema_decays": [fitting.ema_decay_at(s, 0.998) for s in (0, 90, 490, 10_000)],
                   "ema_averages": averages, "ema_counter": ema.module[1].num_batches_tracked.item(),
                   "kept_ema": kept_ema}))
 """
@@ -447,7 +451,7 @@ print(json.dumps({"factors": [training.warmup_cosine(s, 10, 100) for s in (0, 9,
 
 @pytest.fixture(scope="module")
 def training_probe():
-    """training.py's schedule, bf16 choice and EMA, probed in a torch process of their own."""
+    """fitting.py's schedule, bf16 choice and EMA, and train.py's loop, probed in a torch process of their own."""
     result = run_python(TRAINING_PROBE, "04_semantic_bg", timeout=120)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -950,15 +954,17 @@ def test_coco_weights_offline_fail_fast_naming_weights_path(tmp_path):
 
 
 def test_chapter_modules_exist():
-    for name in ("train.py", "composite.py", "evaluate.py", "matting.py", "segmenters.py", "training.py",
-                 "scoring.py", "closeups.py", "photos.py", "config.toml", "composite.toml", "evaluate.toml"):
+    for name in ("train.py", "augment.py", "fitting.py", "report.py", "composite.py", "evaluate.py", "matting.py",
+                 "segmenters.py", "scoring.py", "closeups.py", "photos.py", "config.toml", "composite.toml",
+                 "evaluate.toml"):
         assert (CHAPTER / name).is_file(), name
-    # matting.py, scoring.py, closeups.py and photos.py are numpy/OpenCV only: no `import torch` anywhere in them
-    for name in ("matting.py", "scoring.py", "closeups.py", "photos.py"):
+    # matting.py, scoring.py, closeups.py, photos.py, augment.py and report.py are numpy/OpenCV only:
+    # no `import torch` anywhere in them
+    for name in ("matting.py", "scoring.py", "closeups.py", "photos.py", "augment.py", "report.py"):
         assert not re.search(r"^\s*(import|from)\s+torch", (CHAPTER / name).read_text(), re.M), name
     # train.py and evaluate.py load torch (through their chapter modules) only after parsing: --help
     # stays fast; and evaluate.py shares train.py's scoring through photos.py, never by importing train
     for name in ("train.py", "evaluate.py"):
         source = (CHAPTER / name).read_text()
-        assert not re.search(r"^(import|from)\s+(torch|segmenters|training)\b", source, re.M), name
+        assert not re.search(r"^(import|from)\s+(torch|segmenters|fitting)\b", source, re.M), name
     assert not re.search(r"^\s*(import|from)\s+train\b", (CHAPTER / "evaluate.py").read_text(), re.M)

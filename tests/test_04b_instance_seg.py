@@ -74,6 +74,7 @@ def test_shapes_smoke_writes_metrics_plots_and_model(shapes_smoke):
     assert config["config_files"] == ["04b_instance_seg/config.toml"]  # shapes: no pennfudan.toml
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_weights_as_an_unbroken_one(shapes_smoke, tmp_path):
     # The same command as the smoke run, killed (SIGTERM) once epoch 1's checkpoint is written,
     # then resumed: on the CPU the end of epoch 2 must match the unbroken run bit for bit,
@@ -288,6 +289,7 @@ CHECK_IMAGENET_RUN = _OFFLINE_PROCESS + """
     """
 
 
+@pytest.mark.pretrained
 def test_imagenet_weights_through_kagglehubs_cache_offline(tmp_path):
     cache, run = tmp_path / "kaggle", tmp_path / "run"
     env = script_env(KAGGLEHUB_CACHE=str(cache), KERAS_HOME=str(tmp_path / "keras"), **OFFLINE)

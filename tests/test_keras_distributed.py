@@ -94,6 +94,7 @@ def test_01_mirrored_on_two_cpu_devices_takes_the_steps_of_one_device():
 # --- multi_worker and the errors: 01 ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_01_multi_worker_as_one_worker_gives_the_figures_of_a_plain_run(tmp_path):
     plain = run_chapter("01_mnist/train.py", tmp_path / "plain", "--smoke", "--epochs", "2")
     env = script_env(TF_CONFIG=_tf_config(1))
@@ -130,6 +131,7 @@ def test_a_wrong_strategy_or_tf_config_is_one_line(tmp_path, flags, tf_config, w
 # --- 02, 02b, 03: a short smoke run under MirroredStrategy ---------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, extra", [
     ("02_fruit_cnn/train.py", ()),
     ("02b_fruit_cnn_aug/train.py", ()),
@@ -184,6 +186,7 @@ print("JSON" + json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_04b_custom_loop_on_two_cpu_devices_takes_the_steps_of_one_device():
     # The config's grad_clip (5) acts in these steps: clipping each replica's part of the
     # gradient instead of the batch's (Keras' own clip) put the weights 1e-3 apart.
