@@ -31,20 +31,39 @@ def pytest_configure(config):
             os.sched_setaffinity(0, cores[index * share:(index + 1) * share])
 
 
-def pytest_collection_modifyitems(config, items):
-    """Skip the real-data tests without the mirror, and run them first.
+# The files whose tests take longest on 2 cores, longest first (`make test --durations`,
+# 2026-12-08): the real-data runs (03b 104 s, 04 77 s, 02b 44 s, 01 ~30 s), then 03's smoke
+# run and its kill-and-resume (~180 s), 03b's smoke and resume (~150 s), 04b's runs (~115 s),
+# the tf.distribute runs (~110 s), the COCO Mask R-CNN parity (~90 s), and so on.
+LONGEST_FILES = ("test_03b_xml_detection_real.py", "test_04_semantic_bg_real.py",
+                 "test_02b_fruit_cnn_aug_real.py", "test_01_mnist_real.py",
+                 "test_03_tf_od_api.py", "test_03b_xml_detection.py", "test_04b_instance_seg.py",
+                 "test_keras_distributed.py", "test_04b_coco.py", "test_02b_fruit_cnn_aug.py",
+                 "test_04b_coco_finetune.py", "test_03b_distributed.py", "test_04b_instance_seg_units.py",
+                 "test_03_tf_od_api_coco.py")
 
-    `make test` runs `pytest -n N --dist loadfile`: each test file goes to one worker whole,
-    so a file's shared smoke run (a module-scoped fixture) is made once. The real-data
-    tests live in files of their own (tests/test_*_real.py) and are the longest: sorted
-    first, their files are handed out first, which keeps the workers evenly loaded to the
-    end. The order changes nothing in a plain (one-process) run."""
+
+def run_order(item) -> int:
+    """The files of LONGEST_FILES first, in its order; then the rest in file order."""
+    name = item.path.name
+    return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the real-data tests without the mirror, and hand out the longest files first.
+
+    `make test` runs `pytest -n N --dist loadfile --no-loadscope-reorder`: each test file
+    goes to one worker whole, so a file's shared smoke run (a module-scoped fixture) is made
+    once, and the files are handed out in this order as workers free up (LONGEST_FILES
+    first). Longest first keeps the workers evenly loaded to the end, instead of one long
+    file starting last while the other worker sits idle. The order changes nothing in a
+    plain (one-process) run."""
     if not SHARED_DATASETS.is_dir():
         skip = pytest.mark.skip(reason=f"no dataset mirror at {SHARED_DATASETS}")
         for item in items:
             if "real_data" in item.keywords:
                 item.add_marker(skip)
-    items.sort(key=lambda item: "real_data" not in item.keywords)  # stable: file order kept
+    items.sort(key=run_order)  # stable: the order within a file is kept
 
 
 @pytest.fixture
