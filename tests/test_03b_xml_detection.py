@@ -177,9 +177,15 @@ def test_resume_continues_from_the_checkpoint(smoke_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(output_dir, run_dir)
     more = str(SMOKE_EPOCHS + 1)
-    result = run_script(TRAIN, "--smoke", "--output-dir", run_dir, "--resume", "--epochs", more, timeout=600)
+    # Two more epochs asked for, under a time limit the first session's working time already
+    # fills: the clock carries over --resume, so the run stops after the first new epoch (a
+    # clock that started again at zero would run both: an epoch here takes a second or two).
+    limit = f"{first['wall_seconds'] / 60:.4f}"
+    result = run_script(TRAIN, "--smoke", "--output-dir", run_dir, "--resume", "--epochs",
+                        str(SMOKE_EPOCHS + 2), "--time-limit-minutes", limit, timeout=600)
     assert "resumed from" in result.stdout
     assert f"epoch  {more}" in result.stdout and "epoch   1 " not in result.stdout
+    assert f"stopping after epoch {more} of {SMOKE_EPOCHS + 2}" in result.stdout, result.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == SMOKE_EPOCHS + 1
     # the time budget counts both sessions, not just the resumed one
