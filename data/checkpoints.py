@@ -8,6 +8,7 @@ written to a temporary name and renamed, so a run killed mid-write keeps its pre
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,14 +32,18 @@ def load_arrays(path: Path, num_weights: int, num_optimizer: int) -> tuple[dict,
     or was written for another model."""
     if not Path(path).is_file():
         raise UserError(f"--resume: no checkpoint at {path}; start without --resume")
-    with np.load(path) as saved:
-        counts = (sum(k.startswith("weight_") for k in saved.files),
-                  sum(k.startswith("optimizer_") for k in saved.files))
-        if counts != (num_weights, num_optimizer):
-            raise UserError(f"--resume: {path} holds {counts[0]} weights and {counts[1]} optimizer "
-                            f"variables, this model {num_weights} and {num_optimizer}: it was "
-                            "written for another configuration; start without --resume")
-        weights = [saved[f"weight_{i}"] for i in range(num_weights)]
-        optimizer = [saved[f"optimizer_{i}"] for i in range(num_optimizer)]
-        state = json.loads(str(saved["state"]))
+    try:
+        with np.load(path) as saved:
+            counts = (sum(k.startswith("weight_") for k in saved.files),
+                      sum(k.startswith("optimizer_") for k in saved.files))
+            if counts != (num_weights, num_optimizer):
+                raise UserError(f"--resume: {path} holds {counts[0]} weights and {counts[1]} optimizer "
+                                f"variables, this model {num_weights} and {num_optimizer}: it was "
+                                "written for another configuration; start without --resume")
+            weights = [saved[f"weight_{i}"] for i in range(num_weights)]
+            optimizer = [saved[f"optimizer_{i}"] for i in range(num_optimizer)]
+            state = json.loads(str(saved["state"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # cut short, or not a checkpoint
+        raise UserError(f"--resume: {path} is damaged or not a checkpoint; start anew with "
+                        "--overwrite") from None
     return state, weights, optimizer

@@ -225,7 +225,11 @@ def write_split(output_dir: Path, split: dict[str, Sequence[str]], resume: bool 
     path = Path(output_dir) / "split.json"
     split = {part: [str(name) for name in names] for part, names in split.items()}
     if resume and path.is_file():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            raise UserError(f"--resume: {path} is not readable JSON; restore it, or start anew "
+                            "with --overwrite") from None
         for part in sorted(set(saved) | set(split)):
             if saved.get(part) != split.get(part):
                 raise UserError(f"--resume: the {part} split differs from {path} (another seed, "

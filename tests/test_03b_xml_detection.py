@@ -177,9 +177,9 @@ def test_resume_continues_from_the_checkpoint(smoke_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(output_dir, run_dir)
     more = str(SMOKE_EPOCHS + 1)
-    # Two more epochs asked for, under a time limit the first session's working time already
-    # fills: the clock carries over --resume, so the run stops after the first new epoch (a
-    # clock that started again at zero would run both: an epoch here takes a second or two).
+    # --epochs 22 under a time limit equal to the first session's working time: the clock
+    # carries over --resume, so the run stops after epoch 21. A clock that started again at
+    # zero would run both new epochs (an epoch here takes a second or two).
     limit = f"{first['wall_seconds'] / 60:.4f}"
     result = run_script(TRAIN, "--smoke", "--output-dir", run_dir, "--resume", "--epochs",
                         str(SMOKE_EPOCHS + 2), "--time-limit-minutes", limit, timeout=600)

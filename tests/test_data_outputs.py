@@ -138,6 +138,9 @@ def test_split_is_saved_and_a_resume_with_another_split_is_refused(tmp_path):
     write_split(tmp_path, {"train": ["a", "b"], "val": ["c"], "test": ["d"]}, resume=True)
     with pytest.raises(UserError, match=r"the (train|val) split differs"):
         write_split(tmp_path, {"train": ["a", "c"], "val": ["b"], "test": ["d"]}, resume=True)
+    (tmp_path / "split.json").write_text('{"train": ["a"')  # a file cut short
+    with pytest.raises(UserError, match="not readable JSON"):
+        write_split(tmp_path, {"train": ["a", "b"], "val": ["c"], "test": ["d"]}, resume=True)
 
 
 def test_run_facts_name_the_date_versions_and_machine():

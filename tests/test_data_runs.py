@@ -40,6 +40,9 @@ def test_a_checkpoint_round_trips_and_refuses_another_model(tmp_path):
         load_arrays(path, 3, 2)
     with pytest.raises(UserError, match="no checkpoint"):
         load_arrays(tmp_path / "missing.npz", 2, 2)
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:100])  # a write cut short
+    with pytest.raises(UserError, match="damaged or not a checkpoint"):
+        load_arrays(tmp_path / "cut.npz", 2, 2)
 
 
 def test_the_val_curve_and_the_truth_vs_prediction_grid_are_drawn(tmp_path):
