@@ -10,7 +10,8 @@ How it stays robust:
 - sources are tried in order: a mirror first (`--mirror` or $DLSTUDY_MIRROR: a folder,
   a file:// or an http(s):// URL laid out like ../shared/datasets), then the official ones;
 - network errors are retried with exponential backoff, and an interrupted transfer is
-  resumed with an HTTP Range request (or restarted when the server ignores it);
+  resumed with an HTTP Range request (or restarted when the server ignores it); a refused
+  connection or an unknown host (offline) moves on to the next source at once;
 - a file is downloaded to `<name>.part` and renamed only after it checks out: MNIST by the
   md5 of its *decompressed* content (so a mirror that re-gzipped the files still passes),
   archives by their members and counts; a failed check deletes the file and moves on;
@@ -26,6 +27,7 @@ import hashlib
 import http.client
 import os
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -226,12 +228,21 @@ def _http_download(url: str, part: Path, opts: Transfer, desc: str) -> None:
             last_error = exc
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
                 TimeoutError, OSError) as exc:
+            if _cannot_connect(exc):  # offline: a second try would fail the same way
+                raise SourceFailed(_describe(exc)) from None
             last_error = exc
         if attempt + 1 < opts.retries:
             wait = opts.backoff * 2**attempt
             print(f"  {desc}: {_describe(last_error)}; retrying in {wait:.0f}s", file=sys.stderr)
             time.sleep(wait)
     raise SourceFailed(_describe(last_error))
+
+
+def _cannot_connect(exc: Exception) -> bool:
+    """A refused connection or an unknown host name: no network (or a dead proxy), not a
+    hiccup that a retry a second later gets past. Timeouts and dropped transfers are retried."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    return isinstance(reason, (ConnectionRefusedError, socket.gaierror))
 
 
 def _describe(exc: Exception | None) -> str:

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import os
 import stat
+import time
 import zipfile
 from pathlib import Path
 
@@ -86,11 +87,38 @@ def test_interrupted_transfer_restarts_when_range_ignored(http_server, tmp_path)
     assert dest.read_bytes() == PAYLOAD
 
 
-def test_network_error_is_retried_then_reported(tmp_path):
-    # port 9 on loopback: nothing listens, the connection is refused at once
-    source = download.RemoteFile("blob.bin", ("http://127.0.0.1:9/blob.bin",), sha_check(PAYLOAD))
-    with pytest.raises(download.DownloadError, match="network error"):
-        download.fetch_file(source, tmp_path / "blob.bin", opts=FAST)
+# Port 9 on loopback: nothing listens there, so the connection is refused at once, as it is
+# offline behind a dead proxy. A backoff this long would show as a run of over a minute.
+REFUSED = "http://127.0.0.1:9/blob.bin"
+PATIENT = download.Transfer(retries=3, backoff=30, timeout=5, progress=False)
+
+
+def test_a_refused_connection_is_reported_without_retries(tmp_path, capsys):
+    source = download.RemoteFile("blob.bin", (REFUSED,), sha_check(PAYLOAD))
+    start = time.monotonic()
+    with pytest.raises(download.DownloadError, match=r"network error .*refused"):
+        download.fetch_file(source, tmp_path / "blob.bin", opts=PATIENT)
+    assert time.monotonic() - start < 10 and "retrying" not in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_source_moves_on_to_the_next_at_once(http_server, tmp_path, capsys):
+    http_server.files["/blob.bin"] = PAYLOAD
+    source = download.RemoteFile("blob.bin", (REFUSED, http_server.url + "/blob.bin"), sha_check(PAYLOAD))
+    start = time.monotonic()
+    dest = download.fetch_file(source, tmp_path / "blob.bin", opts=PATIENT)
+    assert dest.read_bytes() == PAYLOAD and time.monotonic() - start < 10
+    assert "retrying" not in capsys.readouterr().err
+
+
+def test_a_transfer_cut_off_is_retried_after_the_backoff(http_server, tmp_path, capsys):
+    http_server.files["/blob.bin"] = PAYLOAD
+    http_server.truncate_once.add("/blob.bin")
+    opts = download.Transfer(retries=2, backoff=0.5, timeout=5, progress=False)
+    start = time.monotonic()
+    dest = download.fetch_file(remote(http_server, "/blob.bin"), tmp_path / "blob.bin", opts=opts)
+    assert dest.read_bytes() == PAYLOAD and time.monotonic() - start >= 0.5
+    assert "transfer interrupted" in capsys.readouterr().err  # "...; retrying in 0s"
 
 
 def test_mirror_folder_and_url_are_tried_first(http_server, tmp_path):
