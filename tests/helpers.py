@@ -7,7 +7,7 @@ A chapter's runs start warm: each is a child forked from a Python that has alrea
 imported the chapter's framework (tests/warm_python.py), which spares the 4-6 s import
 that most short runs would otherwise spend. A run starts cold, as `python script.py`
 in a new interpreter, when its test asks (`fresh=True`: each chapter's main smoke run
-and real-data run, and checks of what a script imports), when it changes an environment
+and checks of what a script imports), when it changes an environment
 variable a framework may read on import, and everywhere with DLSTUDY_TEST_FRESH=1.
 """
 

@@ -23,7 +23,7 @@ def short_real_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mnist_real")
     env = script_env(DLSTUDY_MIRROR=str(SHARED_DATASETS))
     metrics = run_chapter(SCRIPT, tmp / "out", "--data-dir", str(tmp / "data"), "--epochs", "2",
-                          timeout=600, env=env, fresh=True)
+                          timeout=600, env=env)
     return tmp, metrics
 
 

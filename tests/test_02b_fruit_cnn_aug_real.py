@@ -26,7 +26,7 @@ def test_real_data_brief_training_beats_chance(tmp_path, shared_datasets: Path):
     env = script_env(DLSTUDY_MIRROR=str(shared_datasets))
     metrics = run_chapter(SCRIPT, tmp_path / "run", "--data-dir", str(tmp_path / "data"),
                           "--image-size", "96", "--epochs", "6",
-                          env=env, timeout=400, fresh=True)
+                          env=env, timeout=400)
     print({k: v for k, v in metrics.items() if "accuracy" in k}, metrics["train_seconds"])
     # The bar is on the 60 test photos, which choose nothing (validation picks the kept
     # epoch). Baselines: always "apple" gets 19 of 60 (0.317); guessing among the 4 classes

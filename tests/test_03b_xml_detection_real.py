@@ -23,7 +23,7 @@ def test_real_data_training_learns(shared_datasets, tmp_path):
         TRAIN, tmp_path / "run", "--data-dir", str(tmp_path / "data"), "--weights", "none",
         "--image-size", "160", "--fpn-channels", "64", "--head-convs", "2", "--epochs", "5",
         "--warmup-epochs", "1", "--eval-every", "5", "--learning-rate", "0.003",
-        env=env, timeout=400, fresh=True)
+        env=env, timeout=400)
     print({k: metrics[k] for k in ("map50", "map", "val_map50", "train_seconds")})
     assert metrics["num_train"] + metrics["num_val"] == 240 and metrics["num_test"] == 60
     assert max(metrics["val_map50"], metrics["map50"]) > 0.15

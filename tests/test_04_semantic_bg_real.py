@@ -25,7 +25,7 @@ def test_short_training_on_pennfudan_learns(shared_datasets, tmp_path):
     metrics = run_chapter(TRAIN, tmp_path / "out", "--data-dir", tmp_path / "data", "--epochs", "6",
                           "--image-size", "256", "--crop-size", "192", "--eval-every", "3",
                           "--closeup-fraction", "0", "--negative-fraction", "0",
-                          env=env, timeout=400, fresh=True)
+                          env=env, timeout=400)
     assert metrics["person_iou"] > 0.45, metrics
     assert 0.0 < metrics["close_up_iou"] <= 1.0  # measured on the test close-ups all the same
     assert 0.0 < metrics["boundary_f1"] <= 1.0
