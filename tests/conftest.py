@@ -32,9 +32,9 @@ def pytest_configure(config):
 
 
 # The files whose tests take longest on 2 cores, longest first (`make test --durations`,
-# 2026-12-08): the real-data runs (03b 104 s, 04 77 s, 02b 44 s, 01 ~30 s), then 03's smoke
-# run and its kill-and-resume (~180 s), 03b's smoke and resume (~150 s), 04b's runs (~115 s),
-# the tf.distribute runs (~110 s), the COCO Mask R-CNN parity (~90 s), and so on.
+# 2026-12-08): the real-data runs (03b 95 s, 04 71 s, 02b 48-59 s, 01 ~20 s), then 03's smoke
+# run and its kill-and-resume (~150 s), 03b's smoke and resume (~150 s), 04b's runs (~105 s),
+# the tf.distribute runs (~95 s), the COCO Mask R-CNN parity (~100 s), and so on.
 LONGEST_FILES = ("test_03b_xml_detection_real.py", "test_04_semantic_bg_real.py",
                  "test_02b_fruit_cnn_aug_real.py", "test_01_mnist_real.py",
                  "test_03_tf_od_api.py", "test_03b_xml_detection.py", "test_04b_instance_seg.py",
