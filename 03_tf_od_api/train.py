@@ -21,7 +21,6 @@ How to run
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -83,7 +82,7 @@ def load_data(folder: Path, cfg: dict, arch: dict, resume: bool, output_dir: Pat
                 "use --no-evaluate-test, or make_tfrecords.py --test-voc-dir")
         split["test"] = [example["filename"].decode() for example in records.read_records(folder / "test.record")]
     elif resume and (output_dir / "split.json").is_file():  # keep the test names the run began with, if any
-        split.update((k, v) for k, v in json.loads((output_dir / "split.json").read_text()).items() if k == "test")
+        split.update((k, v) for k, v in outputs.read_split(output_dir / "split.json").items() if k == "test")
     outputs.write_split(output_dir, split, resume=resume)
     return train, val
 
@@ -287,7 +286,7 @@ def main(argv=None) -> dict:
     train(detector, arch, train_split, val, cfg, output_dir, progress, clock)
     metrics = evaluate_and_export(detector, arch, cfg, folder, output_dir, progress, val)
     metrics.update(train_seconds=clock.train_seconds,
-                   wall_seconds=clock.elapsed(),  # the whole run, summed over a resumed run's sessions
+                   wall_seconds=clock.elapsed(),  # the whole run: a resumed run adds the time before --resume
                    epochs=progress.epoch, weights=cfg["weights"], image_size=arch["image_size"],
                    num_train=len(train_split.images), num_val=len(val.images),
                    **outputs.run_facts(frameworks=("tensorflow", "keras", "keras-hub"), device=device,

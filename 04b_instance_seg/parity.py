@@ -42,7 +42,7 @@ from data.cli import REPO_ROOT, UserError, run_main
 from data.images import read_rgb
 from data.outputs import atomic_path, write_json
 
-# Parity bars for the final detections (issue 28): what "the same model" means here.
+# Parity bars for the final detections: what "the same model" means here.
 BOX_TOLERANCE, SCORE_TOLERANCE, MASK_IOU_MIN = 0.5, 1e-3, 0.98
 MAP_STAGES = ("images", "C2", "C3", "C4", "C5", "P2", "P3", "P4", "P5", "P6",
               *(f"objectness{k}" for k in range(2, 7)), *(f"rpn_deltas{k}" for k in range(2, 7)))

@@ -43,7 +43,7 @@ def load_arrays(path: Path, num_weights: int, num_optimizer: int) -> tuple[dict,
             weights = [saved[f"weight_{i}"] for i in range(num_weights)]
             optimizer = [saved[f"optimizer_{i}"] for i in range(num_optimizer)]
             state = json.loads(str(saved["state"]))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # cut short, or not a checkpoint
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):  # cut short, empty, or not one
         raise UserError(f"--resume: {path} is damaged or not a checkpoint; start anew with "
                         "--overwrite") from None
     return state, weights, optimizer

@@ -219,17 +219,25 @@ def check_resume_config(output_dir: Path, config: dict[str, Any],
                         "resume with its config, or start anew with --overwrite")
 
 
+def read_split(path: Path) -> dict:
+    """The split.json of the run being resumed; one line when it is damaged."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume: {path} is not readable JSON of a split; restore it, or start anew "
+                        "with --overwrite")
+    return saved
+
+
 def write_split(output_dir: Path, split: dict[str, Sequence[str]], resume: bool = False) -> Path:
     """Save split.json ({"train": [names], "val": [...], "test": [...]}: what each figure was
     measured on). A resumed run must have the same split as the run it continues."""
     path = Path(output_dir) / "split.json"
     split = {part: [str(name) for name in names] for part, names in split.items()}
     if resume and path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except ValueError:
-            raise UserError(f"--resume: {path} is not readable JSON; restore it, or start anew "
-                            "with --overwrite") from None
+        saved = read_split(path)
         for part in sorted(set(saved) | set(split)):
             if saved.get(part) != split.get(part):
                 raise UserError(f"--resume: the {part} split differs from {path} (another seed, "

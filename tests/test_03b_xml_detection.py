@@ -177,9 +177,10 @@ def test_resume_continues_from_the_checkpoint(smoke_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(output_dir, run_dir)
     more = str(SMOKE_EPOCHS + 1)
-    # --epochs 22 under a time limit equal to the first session's working time: the clock
-    # carries over --resume, so the run stops after epoch 21. A clock that started again at
-    # zero would run both new epochs (an epoch here takes a second or two).
+    # --epochs 22 under a time limit equal to the wall time the smoke run already spent
+    # (before --resume): the clock carries over --resume, so the run stops after epoch 21.
+    # A clock that started again at zero would run both new epochs (an epoch here takes a
+    # second or two).
     limit = f"{first['wall_seconds'] / 60:.4f}"
     result = run_script(TRAIN, "--smoke", "--output-dir", run_dir, "--resume", "--epochs",
                         str(SMOKE_EPOCHS + 2), "--time-limit-minutes", limit, timeout=600)
@@ -188,7 +189,7 @@ def test_resume_continues_from_the_checkpoint(smoke_run, tmp_path):
     assert f"stopping after epoch {more} of {SMOKE_EPOCHS + 2}" in result.stdout, result.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == SMOKE_EPOCHS + 1
-    # the time budget counts both sessions, not just the resumed one
+    # the time budget counts the run before --resume too, not just the resumed part
     assert metrics["wall_seconds"] > first["wall_seconds"]
     assert metrics["train_seconds"] > first["train_seconds"]
 

@@ -75,8 +75,9 @@ def test_keras_model_matches_torchvision_stage_by_stage(stand_in, tmp_path):
     # The box head on those proposals. Measured: within 8.4e-06 (relative). One global top-k
     # instead of torchvision's per-level top-k gives other proposals, and logits off by 0.68.
     assert report["class_logits"]["relative_diff"] < 1e-4, report["class_logits"]
-    # The bars of issue 28. Measured: 100 detections each (all "person", scores 0.29-0.52), boxes
-    # within 1.1e-04 px, scores within 3.3e-06, every mask IoU 1.0.
+    # parity.py's bars (BOX_TOLERANCE, SCORE_TOLERANCE, MASK_IOU_MIN). Measured: 100 detections
+    # each (all "person", scores 0.29-0.52), boxes within 1.1e-04 px, scores within 3.3e-06,
+    # every mask IoU 1.0.
     found = report["detections"]
     assert found["count_keras"] == found["count_torch"] == found["paired"] == 100, found
     assert found["max_box_diff"] <= 0.5 and found["max_score_diff"] <= 1e-3, found

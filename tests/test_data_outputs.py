@@ -17,6 +17,7 @@ from data.outputs import (
     plot_curves,
     plot_image_grid,
     prepare_output_dir,
+    read_split,
     run_facts,
     training_started,
     write_json,
@@ -141,6 +142,9 @@ def test_split_is_saved_and_a_resume_with_another_split_is_refused(tmp_path):
     (tmp_path / "split.json").write_text('{"train": ["a"')  # a file cut short
     with pytest.raises(UserError, match="not readable JSON"):
         write_split(tmp_path, {"train": ["a", "b"], "val": ["c"], "test": ["d"]}, resume=True)
+    (tmp_path / "split.json").write_text('["a", "b"]')  # JSON, but not a split
+    with pytest.raises(UserError, match="not readable JSON"):
+        read_split(tmp_path / "split.json")
 
 
 def test_run_facts_name_the_date_versions_and_machine():

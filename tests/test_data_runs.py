@@ -43,6 +43,9 @@ def test_a_checkpoint_round_trips_and_refuses_another_model(tmp_path):
     (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:100])  # a write cut short
     with pytest.raises(UserError, match="damaged or not a checkpoint"):
         load_arrays(tmp_path / "cut.npz", 2, 2)
+    (tmp_path / "empty.npz").write_bytes(b"")  # a file created, never written
+    with pytest.raises(UserError, match="damaged or not a checkpoint"):
+        load_arrays(tmp_path / "empty.npz", 2, 2)
 
 
 def test_the_val_curve_and_the_truth_vs_prediction_grid_are_drawn(tmp_path):
