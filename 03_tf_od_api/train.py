@@ -157,8 +157,9 @@ def train(detector, arch, train_split, val_split, cfg, output_dir: Path, progres
 def predict(detector, images: np.ndarray, arch: dict, batch_size: int = 8) -> list[dict]:
     """Boxes (model-input pixels), 0-based labels and scores for squashed 0..255 images,
     through the same per-class NMS as the export (model.PerClassNMS)."""
-    inputs = (images * np.float32(arch["scale"]) + np.float32(arch["offset"])).astype(np.float32)  # model.normalize
-    found = detector.predict(inputs, batch_size=batch_size, verbose=0)
+    import pipeline
+
+    found = detector.predict(pipeline.inference_dataset(images, arch, batch_size), verbose=0)
     results = []
     for i, count in enumerate(np.asarray(found["num_detections"]).astype(int)):
         results.append({"boxes": np.asarray(found["boxes"][i, :count], np.float64),

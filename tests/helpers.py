@@ -18,6 +18,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,17 +38,19 @@ CHAPTER_FRAMEWORKS = {
     "03_tf_od_api": TENSORFLOW, "04b_instance_seg": TENSORFLOW,
     "03b_xml_detection": TORCH, "04_semantic_bg": TORCH,
 }
+# A script whose framework is not its chapter's: 04b's converter runs torchvision (forked from
+# the chapter's warm TensorFlow, it would crash).
+SCRIPT_FRAMEWORKS = {"04b_instance_seg/convert_coco.py": TORCH}
 # A proxy nothing listens on: every download is refused at once, "offline" even on a
 # networked machine.
 CLOSED_PROXY = "http://127.0.0.1:9"
 OFFLINE = {"HTTPS_PROXY": CLOSED_PROXY, "HTTP_PROXY": CLOSED_PROXY, "https_proxy": CLOSED_PROXY,
            "http_proxy": CLOSED_PROXY, "NO_PROXY": "", "no_proxy": ""}
 # Environment variables read only while a script runs, never on a framework's import (urllib
-# reads the proxies per request, kagglehub KAGGLEHUB_CACHE per call): a test may set these and
-# still start warm. Any other change starts the run cold: CUDA_VISIBLE_DEVICES; KERAS_HOME,
-# which Keras reads on import; TORCH_HOME, which also marks a torch script in a Keras chapter
-# (04b's convert_coco.py), where the chapter's warm TensorFlow would crash torchvision.
-RUN_TIME_ENV = {"DLSTUDY_MIRROR", "KAGGLEHUB_CACHE", *OFFLINE}
+# reads the proxies per request, kagglehub KAGGLEHUB_CACHE and torch.hub TORCH_HOME per call): a
+# test may set these and still start warm. Any other change starts the run cold:
+# CUDA_VISIBLE_DEVICES, and KERAS_HOME, which Keras reads on import.
+RUN_TIME_ENV = {"DLSTUDY_MIRROR", "KAGGLEHUB_CACHE", "TORCH_HOME", *OFFLINE}
 
 
 def script_env(**extra: str) -> dict[str, str]:
@@ -95,9 +98,12 @@ class WarmPython:
         line, self.pending = self.pending.split(b"\n", 1)
         return json.loads(line)
 
-    def run(self, argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], env: dict[str, str], timeout: float,
+            stop_at: re.Pattern | None = None) -> subprocess.CompletedProcess:
         """`python ARGV...` as a forked child. On any failure of the server itself (or a
-        timeout) the server is stopped, and the next run starts a new one."""
+        timeout) the server is stopped, and the next run starts a new one. With `stop_at`,
+        the child gets SIGTERM once its stdout matches it; `.stopped_after` is then the
+        stdout up to the end of the matching line (else None)."""
         self.requests += 1
         with tempfile.TemporaryDirectory(prefix="warm_run_") as tmp:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
@@ -109,14 +115,33 @@ class WarmPython:
                 started = self._reply(60)
                 if started is None or started.get("id") != self.requests:
                     raise RuntimeError(f"the warm Python did not start the run: {started}")
-                done = self._reply(timeout)
+                done, stopped_after = self._wait(started["pid"], out, timeout, stop_at)
                 if done is None:
                     raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text())
             except BaseException:
                 self.close(kill=True)
                 raise
-            return subprocess.CompletedProcess([sys.executable, *argv], done["returncode"],
-                                               out.read_text(), err.read_text())
+            result = subprocess.CompletedProcess([sys.executable, *argv], done["returncode"],
+                                                 out.read_text(), err.read_text())
+            result.stopped_after = stopped_after
+            return result
+
+    def _wait(self, pid: int, out: Path, timeout: float, stop_at: re.Pattern | None) -> tuple:
+        """(the "done" reply or None after `timeout`, the stdout that matched `stop_at` or None);
+        reading the child's stdout five times a second for `stop_at`."""
+        if stop_at is None:
+            return self._reply(timeout), None
+        deadline, stopped_after = time.monotonic() + timeout, None
+        while (left := deadline - time.monotonic()) > 0:
+            done = self._reply(min(left, 0.2))
+            if done is not None:
+                return done, stopped_after
+            match = stopped_after is None and stop_at.search(text := out.read_text())
+            if match:
+                end = text.find("\n", match.end())
+                stopped_after = text[:len(text) if end < 0 else end + 1]
+                os.kill(pid, signal.SIGTERM)
+        return None, stopped_after
 
     def close(self, kill: bool = False) -> None:
         """Stop the server (it kills a run still going) and forget it."""
@@ -150,9 +175,8 @@ def _close_warm_pythons() -> None:
 _IGNORED_ENV = {"PYTEST_CURRENT_TEST"}
 
 
-def _warm_for(chapter: str | None, env: dict[str, str] | None, fresh: bool) -> WarmPython | None:
-    """The warm Python a run of `chapter` may use, or None when it must start cold."""
-    modules = CHAPTER_FRAMEWORKS.get(chapter or "")
+def _warm_for(modules: tuple[str, ...] | None, env: dict[str, str] | None, fresh: bool) -> WarmPython | None:
+    """The warm Python (importing `modules`) a run may use, or None when it must start cold."""
     if fresh or not modules or os.environ.get("DLSTUDY_TEST_FRESH") == "1" or modules in _noisy:
         return None
     if env is not None:
@@ -173,18 +197,19 @@ def _warm_for(chapter: str | None, env: dict[str, str] | None, fresh: bool) -> W
 _noisy: set[tuple[str, ...]] = set()  # module sets whose import prints something: always cold
 
 
-def _run(argv: list[str], chapter: str | None, env: dict[str, str] | None, timeout: float,
+def _run(argv: list[str], modules: tuple[str, ...] | None, env: dict[str, str] | None, timeout: float,
          fresh: bool) -> subprocess.CompletedProcess:
     """`python ARGV...` from the repo root, warm when it may be (see the module docstring)."""
-    warm = _warm_for(chapter, env, fresh)
+    warm = _warm_for(modules, env, fresh)
     if warm is not None:
         return warm.run(argv, env or script_env(), timeout)
     return subprocess.run([sys.executable, *argv], cwd=REPO, env=env or script_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _chapter_of(script: str) -> str:
-    return Path(script).parts[0]
+def frameworks_of(script: str) -> tuple[str, ...] | None:
+    """The modules a script imports: its own entry in SCRIPT_FRAMEWORKS, else its chapter's."""
+    return SCRIPT_FRAMEWORKS.get(script) or CHAPTER_FRAMEWORKS.get(Path(script).parts[0])
 
 
 def run_script(script: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None,
@@ -193,7 +218,8 @@ def run_script(script: str, *args: str, timeout: float = 300, env: dict[str, str
     fails. `chapter` names the framework of a script outside the chapter folders."""
     command = [str(REPO / script), *map(str, args)]
     start = time.monotonic()
-    result = _run(command, chapter or _chapter_of(script), env, timeout, fresh)
+    modules = CHAPTER_FRAMEWORKS.get(chapter) if chapter else frameworks_of(script)
+    result = _run(command, modules, env, timeout, fresh)
     result.seconds = time.monotonic() - start
     if check and result.returncode != 0:
         raise AssertionError(
@@ -220,7 +246,8 @@ def run_python(code: str, chapter: str | None = None, timeout: float = 240, args
     """Run a snippet (`python -c CODE ARGS...`) in its own Python from the repo root, with
     the `chapter` folder importable; fail the test with its output if it fails."""
     prefix = f"import sys; sys.path.insert(0, {str(REPO / chapter)!r})\n" if chapter else ""
-    result = _run(["-c", prefix + textwrap.dedent(code), *map(str, args)], chapter, None, timeout, fresh)
+    result = _run(["-c", prefix + textwrap.dedent(code), *map(str, args)], CHAPTER_FRAMEWORKS.get(chapter or ""),
+                  None, timeout, fresh)
     assert result.returncode == 0, f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-5000:]}"
     return result
 
@@ -246,7 +273,7 @@ runpy.run_path(script, run_name="__main__")
 
 def run_without_test_reads(script: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     """`python <script> <args>` that fails ("a test file was read") if it reads a test file."""
-    return _run(["-c", _NO_TEST_READS, script, *map(str, args)], _chapter_of(script), None, timeout,
+    return _run(["-c", _NO_TEST_READS, script, *map(str, args)], frameworks_of(script), None, timeout,
                 fresh=False)
 
 
@@ -311,16 +338,23 @@ def mnist_photo(digit, size: int = 90, canvas=(200, 150), at=(70, 40)):
 
 def interrupt_after(script: str, output_dir: Path, *args: str, pattern: str, timeout: float = 300,
                     env: dict[str, str] | None = None) -> str:
-    """Start `python <script> --output-dir DIR <args>` in a new interpreter, and send it SIGTERM
-    (a killed job; Ctrl-C is SIGINT) as soon as a line of its stdout matches `pattern` (say,
-    the line printed once epoch k's checkpoint is written). Returns the stdout read so far;
-    fails the test if the run ends, or `timeout` passes, before the pattern is seen."""
-    import signal
-
+    """Start `python <script> --output-dir DIR <args>` (warm where run_script's would be), and
+    send it SIGTERM (a killed job; Ctrl-C is SIGINT) as soon as a line of its stdout matches
+    `pattern` (say, the line printed once epoch k's checkpoint is written). Returns the stdout
+    up to that line; fails the test if the run ends, or `timeout` passes, before it is seen."""
+    matcher = re.compile(pattern, re.M)
+    warm = _warm_for(frameworks_of(script), env, fresh=False)
+    if warm is not None:
+        argv = [str(REPO / script), "--output-dir", str(output_dir), *map(str, args)]
+        result = warm.run(argv, env or script_env(), timeout, stop_at=matcher)
+        if result.stopped_after is None:
+            raise AssertionError(f"{script} never printed a line matching {pattern!r} (exit "
+                                 f"{result.returncode})\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        return result.stopped_after
     command = [sys.executable, str(REPO / script), "--output-dir", str(output_dir), *map(str, args)]
     process = subprocess.Popen(command, cwd=REPO, env=env or script_env(), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    seen, deadline, matcher = [], time.monotonic() + timeout, re.compile(pattern)
+    seen, deadline = [], time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             ready, _, _ = select.select([process.stdout], [], [], 1.0)

@@ -6,6 +6,7 @@ test process imports neither TensorFlow nor Keras.
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import re
 
@@ -223,10 +224,11 @@ def test_learning_rate_warms_up_from_a_hundredth_then_follows_a_cosine_to_a_hund
     assert rates == pytest.approx([1e-5, 0.001, 0.001 * 0.505, 1e-5], rel=1e-6)
 
 
-def offline_env(tmp_path, **extra) -> dict[str, str]:
-    """helpers.offline_env, with empty KerasHub (kagglehub) and Keras caches too."""
-    return helpers.offline_env(tmp_path, KAGGLEHUB_CACHE=str(tmp_path / "kaggle"),
-                                KERAS_HOME=str(tmp_path / "keras"), **extra)
+def offline_env(tmp_path) -> dict[str, str]:
+    """helpers.offline_env, with an empty KerasHub (kagglehub) cache too; on a machine with a
+    GPU, one TensorFlow does not see (the "no gpu" start)."""
+    no_gpu = {"CUDA_VISIBLE_DEVICES": ""} if ctypes.util.find_library("cuda") else {}
+    return helpers.offline_env(tmp_path, KAGGLEHUB_CACHE=str(tmp_path / "kaggle"), **no_gpu)
 
 
 # Three starts that fail before training, each into the smoke run's folder, with the words
@@ -278,7 +280,7 @@ def smoke_run(tmp_path_factory):
     for case, (flags, _) in FAILED_STARTS.items():
         flags = [flag.format(empty=root / "empty") for flag in flags]
         result = run_script(TRAIN, *flags, "--output-dir", output_dir, check=False, timeout=120,
-                            env=offline_env(root, CUDA_VISIBLE_DEVICES=""))
+                            env=offline_env(root))
         failed[case] = (result, sorted(p.name for p in output_dir.iterdir()) if output_dir.exists() else None)
     metrics = run_chapter(TRAIN, output_dir, "--smoke", timeout=300, fresh=True)
     print(f"03 smoke wall time {metrics['_wall_seconds']:.1f}s")

@@ -108,11 +108,13 @@ def stand_in(tmp_path_factory):
 def coco_run(stand_in, tmp_path_factory):
     """The chapter's command with the COCO weights on the smoke data, offline: one epoch of
     two steps (20 photos, batches of 10) at 128 px, the least the P7 level allows; a
-    non-default --prior-probability, to see it used."""
+    non-default --prior-probability, to see it used. Under tf.distribute's MirroredStrategy
+    on 2 logical CPU devices (--strategy mirrored): KerasHub's RetinaNet, tf.data and the
+    SavedModel export, each replica taking half of each batch."""
     cache, _, _ = stand_in
     output_dir = tmp_path_factory.mktemp("03coco") / "run"
     metrics = run_chapter(TRAIN, output_dir, "--smoke", "--weights", "coco", "--prior-probability", "0.02",
-                          "--epochs", "1", "--batch-size", "10", "--no-evaluate-test", timeout=600,
+                          "--epochs", "1", "--batch-size", "10", "--strategy", "mirrored", "--no-evaluate-test", timeout=600,
                           env=offline(cache))
     print(f"03 --weights coco wall time {metrics['_wall_seconds']:.1f}s")
     return output_dir, metrics
@@ -126,6 +128,7 @@ def test_coco_run_finishes_with_metrics(coco_run):
     output_dir, metrics = coco_run
     assert metrics["weights"] == "coco" and metrics["epochs"] == 1 and metrics["image_size"] == 128
     assert math.isfinite(metrics["val_map50"]) and metrics["export_mismatched_photos"] == 0
+    assert (metrics["num_replicas"], metrics["world_size"]) == (2, 1)  # the export agrees with the mirrored model
     assert (output_dir / "saved_model" / "saved_model.pb").is_file()
 
 

@@ -292,7 +292,7 @@ CHECK_IMAGENET_RUN = _OFFLINE_PROCESS + """
 @pytest.mark.pretrained
 def test_imagenet_weights_through_kagglehubs_cache_offline(tmp_path):
     cache, run = tmp_path / "kaggle", tmp_path / "run"
-    env = script_env(KAGGLEHUB_CACHE=str(cache), KERAS_HOME=str(tmp_path / "keras"), **OFFLINE)
+    env = script_env(KAGGLEHUB_CACHE=str(cache), **OFFLINE)  # KerasHub's presets: kagglehub's cache
     # An empty cache and no network: one line that says so, and nothing left behind.
     offline = run_script(TRAIN, "--smoke", "--weights", "imagenet", "--output-dir", run, env=env,
                          check=False, timeout=120)

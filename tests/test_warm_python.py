@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, WarmPython, _warm_for, script_env
+from tests.helpers import REPO, TENSORFLOW, TORCH, WarmPython, _warm_for, frameworks_of, script_env
 
 PROBE = """
 import json, os, sys
@@ -87,12 +87,19 @@ def test_a_run_past_its_timeout_is_killed_and_the_next_run_still_works(warm, tmp
 
 
 def test_runs_start_cold_where_a_warm_start_could_differ(monkeypatch, tmp_path):
-    assert _warm_for("data", None, fresh=False) is None  # no framework to preload
-    assert _warm_for("01_mnist", None, fresh=True) is None
-    assert _warm_for("04_semantic_bg", script_env(TORCH_HOME=str(tmp_path)), fresh=False) is None
-    assert _warm_for("01_mnist", script_env(CUDA_VISIBLE_DEVICES=""), fresh=False) is None
+    mnist = frameworks_of("01_mnist/train.py")
+    assert frameworks_of("data/download.py") is None  # no framework to preload
+    assert _warm_for(mnist, None, fresh=True) is None
+    assert _warm_for(mnist, script_env(KERAS_HOME=str(tmp_path)), fresh=False) is None  # read on import
+    assert _warm_for(mnist, script_env(CUDA_VISIBLE_DEVICES=""), fresh=False) is None
     monkeypatch.setenv("DLSTUDY_TEST_FRESH", "1")
-    assert _warm_for("01_mnist", None, fresh=False) is None
+    assert _warm_for(mnist, None, fresh=False) is None
+
+
+def test_a_torch_script_in_a_keras_chapter_gets_the_torch_python():
+    # forked from the chapter's warm TensorFlow, torchvision would crash
+    assert frameworks_of("04b_instance_seg/convert_coco.py") == TORCH
+    assert frameworks_of("04b_instance_seg/predict.py") == TENSORFLOW
 
 
 def test_a_framework_whose_import_prints_is_not_used_warm(monkeypatch, tmp_path):
