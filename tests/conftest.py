@@ -32,15 +32,15 @@ def pytest_configure(config):
 
 
 # The files whose tests take longest on 2 cores, longest first (`make test --durations`,
-# 2026-12-08): the real-data runs (03b 95 s, 04 71 s, 02b 48-59 s, 01 ~20 s), then 03's smoke
-# run and its kill-and-resume (~150 s), 03b's smoke and resume (~150 s), 04b's runs (~105 s),
-# the tf.distribute runs (~95 s), the COCO Mask R-CNN parity (~100 s), and so on.
-LONGEST_FILES = ("test_03b_xml_detection_real.py", "test_04_semantic_bg_real.py",
-                 "test_02b_fruit_cnn_aug_real.py", "test_01_mnist_real.py",
-                 "test_03_tf_od_api.py", "test_03b_xml_detection.py", "test_04b_instance_seg.py",
-                 "test_keras_distributed.py", "test_04b_coco.py", "test_02b_fruit_cnn_aug.py",
-                 "test_04b_coco_finetune.py", "test_03b_distributed.py", "test_04b_instance_seg_units.py",
-                 "test_03_tf_od_api_coco.py")
+# 2026-12-08): 03b's smoke run and its resume (~145 s), 03's smoke run and its kill-and-resume
+# (~140 s), 04b's runs (~95 s), the real-data runs of 03b (~90 s) and 04 (~65 s), 03's COCO
+# run under tf.distribute (~90 s), the COCO Mask R-CNN parity (~80 s), and so on.
+LONGEST_FILES = ("test_03b_xml_detection.py", "test_03_tf_od_api.py", "test_04b_instance_seg.py",
+                 "test_03b_xml_detection_real.py", "test_03_tf_od_api_coco.py", "test_04b_coco.py",
+                 "test_keras_distributed.py", "test_04_semantic_bg_real.py", "test_02b_fruit_cnn_aug.py",
+                 "test_04b_instance_seg_units.py", "test_04b_coco_finetune.py", "test_03b_distributed.py",
+                 "test_04_semantic_bg.py", "test_01_mnist.py", "test_04_distributed.py",
+                 "test_02b_fruit_cnn_aug_real.py", "test_02_fruit_cnn.py", "test_01_mnist_real.py")
 
 
 def run_order(item) -> int:
