@@ -14,6 +14,7 @@ variable a framework may read on import, and everywhere with DLSTUDY_TEST_FRESH=
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -107,6 +108,8 @@ class WarmPython:
         self.requests += 1
         with tempfile.TemporaryDirectory(prefix="warm_run_") as tmp:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            out.touch()  # there before the child opens them (O_TRUNC), for _wait to read
+            err.touch()
             request = {"id": self.requests, "argv": argv, "cwd": str(REPO), "env": env,
                        "stdout": str(out), "stderr": str(err)}
             try:
@@ -127,21 +130,26 @@ class WarmPython:
             return result
 
     def _wait(self, pid: int, out: Path, timeout: float, stop_at: re.Pattern | None) -> tuple:
-        """(the "done" reply or None after `timeout`, the stdout that matched `stop_at` or None);
-        reading the child's stdout five times a second for `stop_at`."""
+        """(the "done" reply or None after `timeout`, the stdout up to the end of the first
+        whole line matching `stop_at`, or None); with `stop_at`, the child's stdout is read
+        five times a second, and the child gets SIGTERM at the first match."""
         if stop_at is None:
             return self._reply(timeout), None
         deadline, stopped_after = time.monotonic() + timeout, None
-        while (left := deadline - time.monotonic()) > 0:
-            done = self._reply(min(left, 0.2))
-            if done is not None:
+        while True:
+            left = deadline - time.monotonic()
+            done = self._reply(min(left, 0.2)) if left > 0 else None
+            if stopped_after is None:  # read once more after the end: the line may be the last
+                text = out.read_bytes().decode(errors="replace")
+                lines = text[:text.rfind("\n") + 1]  # whole lines only
+                if match := stop_at.search(lines):
+                    end = lines.find("\n", match.end())
+                    stopped_after = lines if end < 0 else lines[:end + 1]
+                    if done is None:
+                        with contextlib.suppress(ProcessLookupError):  # it has just exited
+                            os.kill(pid, signal.SIGTERM)
+            if done is not None or left <= 0:
                 return done, stopped_after
-            match = stopped_after is None and stop_at.search(text := out.read_text())
-            if match:
-                end = text.find("\n", match.end())
-                stopped_after = text[:len(text) if end < 0 else end + 1]
-                os.kill(pid, signal.SIGTERM)
-        return None, stopped_after
 
     def close(self, kill: bool = False) -> None:
         """Stop the server (it kills a run still going) and forget it."""
@@ -209,7 +217,10 @@ def _run(argv: list[str], modules: tuple[str, ...] | None, env: dict[str, str] |
 
 def frameworks_of(script: str) -> tuple[str, ...] | None:
     """The modules a script imports: its own entry in SCRIPT_FRAMEWORKS, else its chapter's."""
-    return SCRIPT_FRAMEWORKS.get(script) or CHAPTER_FRAMEWORKS.get(Path(script).parts[0])
+    path = Path(script)
+    if path.is_absolute() and path.is_relative_to(REPO):
+        path = path.relative_to(REPO)
+    return SCRIPT_FRAMEWORKS.get(path.as_posix()) or CHAPTER_FRAMEWORKS.get(path.parts[0])
 
 
 def run_script(script: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None,

@@ -4,6 +4,7 @@ the fork and the child's set-up are what is checked), so these tests take second
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -86,6 +87,22 @@ def test_a_run_past_its_timeout_is_killed_and_the_next_run_still_works(warm, tmp
         again.close()
 
 
+def test_a_run_gets_sigterm_once_its_stdout_matches(warm):
+    # How interrupt_after kills a warm run: SIGTERM at the first whole line that matches, and
+    # the stdout up to that line. A line printed just before the run ends is still found.
+    epochs = re.compile(r"^epoch +2 ", re.M)
+    code = "import time\nfor e in (1, 2, 3):\n    print(f'epoch {e:3d} loss', flush=True)\n    time.sleep(0.3 if e == 1 else 30)"
+    start = time.monotonic()
+    result = warm.run(["-c", code], script_env(), timeout=60, stop_at=epochs)
+    assert result.returncode == -15 and time.monotonic() - start < 10  # killed in epoch 2's sleep
+    assert result.stopped_after == "epoch   1 loss\nepoch   2 loss\n" and "epoch   3" not in result.stdout
+    ends_at_once = warm.run(["-c", "print('epoch   1 a'); print('epoch   2 b')"], script_env(), timeout=60,
+                            stop_at=epochs)
+    assert ends_at_once.returncode == 0 and ends_at_once.stopped_after == "epoch   1 a\nepoch   2 b\n"
+    never = warm.run(["-c", "print('epoch   1 a')"], script_env(), timeout=60, stop_at=epochs)
+    assert never.returncode == 0 and never.stopped_after is None
+
+
 def test_runs_start_cold_where_a_warm_start_could_differ(monkeypatch, tmp_path):
     mnist = frameworks_of("01_mnist/train.py")
     assert frameworks_of("data/download.py") is None  # no framework to preload
@@ -99,6 +116,7 @@ def test_runs_start_cold_where_a_warm_start_could_differ(monkeypatch, tmp_path):
 def test_a_torch_script_in_a_keras_chapter_gets_the_torch_python():
     # forked from the chapter's warm TensorFlow, torchvision would crash
     assert frameworks_of("04b_instance_seg/convert_coco.py") == TORCH
+    assert frameworks_of(REPO / "04b_instance_seg" / "convert_coco.py") == TORCH
     assert frameworks_of("04b_instance_seg/predict.py") == TENSORFLOW
 
 
