@@ -22,7 +22,7 @@ def test_short_training_on_pennfudan_learns(shared_datasets, tmp_path):
     # street views only, in float32: 0.52), and this test checks that the loop learns at all,
     # in minutes. Measured with one core: test person IoU 0.533 after these 6 epochs, one
     # validation at the end (63-66 s in `make test`; validating at epoch 3 too kept the same
-    # epoch 6, in 67-69 s; 0.54 after 8 epochs, 80 s).
+    # epoch 6, in 67-71 s; 0.54 after 8 epochs, 80 s).
     metrics = run_chapter(TRAIN, tmp_path / "out", "--data-dir", tmp_path / "data", "--epochs", "6",
                           "--image-size", "256", "--crop-size", "192", "--eval-every", "6",
                           "--closeup-fraction", "0", "--negative-fraction", "0",
